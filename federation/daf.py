@@ -1,0 +1,172 @@
+"""DAF: per-bank aggregation rules for TALoRA's timestep banks, with node reputation.
+
+The three banks see different noise: coarse (t ∈ (0.7, 1], mostly-masked steps) learns
+generic structure, so Multi-Krum keeps the update vectors that agree; domain (t ∈ (0.3, 0.7])
+carries each node's domain, so a trimmed mean weighted by the node's reported local quality
+gain keeps useful specialisation; fine (t ∈ [0, 0.3]) edits few tokens and is the cheapest
+place to poison, so it takes the coordinate median. Rules are configurable per bank.
+
+Scoring, per bank b and node i, against the coordinate median c_b of all updates:
+
+    dist_i  = ‖x_i − c_b‖ / median_j ‖x_j − c_b‖
+    z_i     = (‖x_i‖ − median_j ‖x_j‖) / (1.4826 · MAD_j ‖x_j‖)
+    flagged = any bank with dist_i > distance_limit or |z_i| > z_limit
+    rep_i  ← (1 − decay) · rep_i + decay · [not flagged]        (new nodes start at 1)
+
+Nodes with rep_i < exclude_below are left out; the others are weighted by rep_i (× the capped
+quality gain where the bank asks for it) in rules that take weights, so one bad round costs a
+node little and repeat offenders fade out.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from federation.aggregators import RULES, WEIGHTED_RULES, aggregate
+
+BANKS = ("coarse", "domain", "fine")
+
+
+@dataclass(frozen=True)
+class BankRule:
+    """Aggregation rule of one bank: a name from `aggregators.RULES` and its options."""
+
+    rule: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    weight_by_gain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
+        if self.weight_by_gain and self.rule not in WEIGHTED_RULES:
+            raise ValueError(f"rule {self.rule!r} does not take weights, so cannot weight by gain")
+
+
+def default_rules() -> dict[str, BankRule]:
+    """coarse = Multi-Krum, domain = gain-weighted trimmed mean, fine = median."""
+    return {
+        "coarse": BankRule("multikrum"),
+        "domain": BankRule("trimmed_mean", {"beta": 0.1}, weight_by_gain=True),
+        "fine": BankRule("median"),
+    }
+
+
+@dataclass(frozen=True)
+class DAFConfig:
+    """Rules per bank, tolerated Byzantine count f, and the reputation parameters."""
+
+    rules: Mapping[str, BankRule] = field(default_factory=default_rules)
+    f: int = 0
+    decay: float = 0.5
+    distance_limit: float = 3.0
+    z_limit: float = 3.5
+    exclude_below: float = 0.2
+    gain_cap: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.decay <= 1 or not 0 < self.exclude_below < 1 or self.gain_cap < 1:
+            raise ValueError("need 0 < decay <= 1, 0 < exclude_below < 1 and gain_cap >= 1")
+
+
+@dataclass(frozen=True)
+class NodeScore:
+    """Per-bank distance ratio and norm z-score of one node, and whether it was flagged."""
+
+    distance: dict[str, float]
+    norm_z: dict[str, float]
+    flagged: bool
+
+
+@dataclass(frozen=True)
+class DAFResult:
+    """Merged flat vector per bank, each node's scores, reputations after the round, exclusions."""
+
+    merged: dict[str, np.ndarray]
+    scores: dict[str, NodeScore]
+    reputations: dict[str, float]
+    excluded: list[str]
+
+
+def gain_weights(gains: np.ndarray, cap: float) -> np.ndarray:
+    """Positive weights from quality gains: negatives count as 0, each capped at cap × median."""
+    g = np.maximum(gains, 0.0)
+    if not (g > 0).any():
+        return np.ones_like(g)
+    top = cap * float(np.median(g[g > 0]))
+    return np.clip(g, 1e-3 * top, top)
+
+
+class DAF:
+    """Per-bank robust aggregation with reputation, kept across rounds by this object."""
+
+    def __init__(
+        self, config: DAFConfig | None = None, reputations: Mapping[str, float] | None = None
+    ) -> None:
+        self.config = config or DAFConfig()
+        self.reputations: dict[str, float] = dict(reputations or {})
+
+    def _score(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dist = np.linalg.norm(x - np.median(x, axis=0), axis=1)
+        norms = np.linalg.norm(x, axis=1)
+        mad = float(np.median(np.abs(norms - np.median(norms))))
+        centre = float(np.median(norms))
+        return dist / max(float(np.median(dist)), 1e-12), (norms - centre) / max(
+            1.4826 * mad, 1e-12
+        )
+
+    def aggregate(
+        self,
+        bank_updates: Mapping[str, Mapping[str, np.ndarray]],
+        gains: Mapping[str, float] | None = None,
+    ) -> DAFResult:
+        """Score, update reputations, and aggregate each bank: {bank: {node_id: flat vector}}.
+
+        Raises ValueError for banks without a rule or differing node sets, and
+        `QuorumNotMet` when fewer than 2f+1 nodes remain (keep the previous version then).
+        """
+        cfg = self.config
+        if unknown := sorted(set(bank_updates) - set(cfg.rules)):
+            raise ValueError(f"no aggregation rule for banks {unknown}")
+        node_sets = {tuple(sorted(updates)) for updates in bank_updates.values()}
+        if len(node_sets) != 1:
+            raise ValueError("every bank must hold updates from the same nodes")
+        nodes = list(node_sets.pop())
+        stacked = {
+            b: np.stack([np.asarray(u[i], np.float64) for i in nodes])
+            for b, u in bank_updates.items()
+        }
+        distance, norm_z = {}, {}
+        for bank, x in stacked.items():
+            distance[bank], norm_z[bank] = self._score(x)
+        scores = {}
+        for k, node in enumerate(nodes):
+            d = {b: float(distance[b][k]) for b in stacked}
+            z = {b: float(norm_z[b][k]) for b in stacked}
+            flagged = any(d[b] > cfg.distance_limit or abs(z[b]) > cfg.z_limit for b in stacked)
+            scores[node] = NodeScore(d, z, flagged)
+            previous = self.reputations.get(node, 1.0)
+            self.reputations[node] = (1 - cfg.decay) * previous + cfg.decay * (
+                0.0 if flagged else 1.0
+            )
+        keep = np.array([self.reputations[node] >= cfg.exclude_below for node in nodes])
+        kept_nodes = [node for node, k in zip(nodes, keep, strict=True) if k]
+        rep = np.array([self.reputations[node] for node in kept_nodes])
+        merged = {}
+        for bank, x in stacked.items():
+            rule = cfg.rules[bank]
+            weights = None
+            if rule.rule in WEIGHTED_RULES:
+                weights = rep
+                if rule.weight_by_gain:
+                    if gains is None or any(node not in gains for node in kept_nodes):
+                        raise ValueError(
+                            f"bank {bank!r} weights by gain: give a gain for every node"
+                        )
+                    weights = rep * gain_weights(
+                        np.array([gains[node] for node in kept_nodes]), cfg.gain_cap
+                    )
+            merged[bank] = aggregate(x[keep], rule.rule, f=cfg.f, weights=weights, **rule.options)
+        excluded = [node for node, k in zip(nodes, keep, strict=True) if not k]
+        return DAFResult(merged, scores, dict(self.reputations), excluded)

@@ -1,0 +1,1 @@
+"""Protocol buffers and gRPC stubs of ruvdllm (generated from ruvdllm.proto)."""
