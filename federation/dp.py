@@ -95,6 +95,8 @@ class RDPAccountant:
         """Smallest ε over the orders such that the run so far is (ε, δ)-DP."""
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if self.rounds == 0:
+            return 0.0
         a = self.orders
         eps = self.rdp() + np.log1p(-1 / a) - (np.log(delta) + np.log(a)) / (a - 1)
         return float(max(0.0, np.min(eps)))
