@@ -169,6 +169,8 @@ def encode_delta(
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not node_id:
         raise ValueError("node_id must not be empty")
+    if nonce is not None and len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
     message = pb.LoRADelta(
         round=round,
         node_id=node_id,
@@ -177,19 +179,28 @@ def encode_delta(
         metrics=dict(metrics or {}),
         nonce=nonce if nonce is not None else new_nonce(),
     )
+    if not banks or not all(banks.values()) or "" in banks:
+        raise ValueError("a delta needs at least one named bank, each with at least one tensor")
+    residual = {}
     for bank in sorted(banks):
         bank_msg = message.banks.add(bank=bank)
         for name in sorted(banks[bank]):
             y = np.asarray(banks[bank][name], dtype=np.float32)
-            if y.ndim == 0 or y.size == 0 or not np.isfinite(y).all():
-                raise ValueError(f"delta {bank}/{name} must be a non-empty finite array")
-            residual_key = f"{bank}/{name}"
-            if feedback is not None and residual_key in feedback.residual:
-                y = y + feedback.residual[residual_key]
+            if not name or y.ndim == 0 or y.size == 0 or not np.isfinite(y).all():
+                raise ValueError(f"delta {bank}/{name!r} must be a named, non-empty, finite array")
+            key_name = f"{bank}/{name}"
+            if feedback is not None and key_name in feedback.residual:
+                if feedback.residual[key_name].shape != y.shape:
+                    raise ValueError(
+                        f"residual of {key_name} has shape "
+                        f"{feedback.residual[key_name].shape}, the delta {y.shape}"
+                    )
+                y = y + feedback.residual[key_name]
             t = compress_tensor(name, y, density)
-            if feedback is not None:
-                feedback.residual[residual_key] = y - decompress_tensor(t)
+            residual[key_name] = y - decompress_tensor(t)
             bank_msg.tensors.append(t)
+    if feedback is not None:
+        feedback.residual.update(residual)
     sign_message(message, key)
     data = message.SerializeToString(deterministic=True)
     dense = sum(np.size(a) for tensors in banks.values() for a in tensors.values()) * 4

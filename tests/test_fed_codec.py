@@ -93,6 +93,21 @@ def test_encode_refuses_bad_input():
         encode_delta({"fine": {"b": np.ones(4)}}, **META, density=0.0)
     with pytest.raises(ValueError, match="finite"):
         encode_delta({"fine": {"b": np.array([1.0, np.nan])}}, **META)
+    with pytest.raises(ValueError, match="at least one"):
+        encode_delta({"fine": {}}, **META)
+    with pytest.raises(ValueError, match="nonce"):
+        encode_delta({"fine": {"b": np.ones(4)}}, **META, nonce=b"short")
+    with pytest.raises(ValueError, match="residual of fine/b"):
+        encode_delta(
+            {"fine": {"b": np.ones(4)}}, **META, feedback=ErrorFeedback({"fine/b": np.ones(5)})
+        )
+    feedback = ErrorFeedback({"fine/a": np.ones(3)})
+    # a failed encoding leaves the residual untouched
+    with pytest.raises(ValueError):
+        encode_delta(
+            {"fine": {"a": np.full(3, 5.0), "b": np.array([np.nan])}}, **META, feedback=feedback
+        )
+    np.testing.assert_array_equal(feedback.residual["fine/a"], np.ones(3))
 
 
 def test_error_feedback_persists(tmp_path):
