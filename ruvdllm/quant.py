@@ -1,0 +1,413 @@
+"""Weight-only int8 / int4 quantization of every linear layer.
+
+Why weight-only: decoding a masked-diffusion model re-reads every weight at
+every step, so weight bytes set the memory footprint; activations stay in the
+model's float dtype, and no calibration data is needed (round-to-nearest, as the
+baselines of GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023).
+
+* ``int8``: symmetric, one scale per output row (the vector-wise scheme of
+  LLM.int8, Dettmers et al. 2022, without its outlier decomposition):
+  ``w ≈ q * scale[row]``, ``q ∈ [-127, 127]``.
+* ``int4``: symmetric, one scale per row and group of ``group_size`` inputs:
+  ``w ≈ q * scale[row, col // group_size]``, ``q ∈ [-7, 7]``; two values per
+  byte, column ``2j`` in the low nibble and ``2j+1`` in the high nibble, each a
+  4-bit two's complement number.
+
+State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
+``model.transformer.blocks.{i}.q_proj...`` stay valid):
+
+* ``weight``: int8 ``(out, in)`` or uint8 ``(out, in/2)`` (int4 packed);
+* ``scales``: float32 ``(out,)`` (int8) or ``(out, in/group_size)`` (int4);
+  float32 keeps the round-trip bound ``|w - ŵ| ≤ scale/2`` exact;
+* ``bias``: float, only where the float model had one (Dream's q/k/v).
+
+The group size is implied by the shapes and recorded in ``config.json``.
+
+Kernels (figures in docs/decisions-quant.md): on CPU, torch's packed kernels
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 50-100x slower
+than a float matmul with float32 activations, but 3-4x faster than
+dequantize-then-matmul with bfloat16 activations. So bfloat16 inputs on CPU use
+them, everything else dequantizes the weight to the activation dtype and calls
+``F.linear``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ruvdllm.checkpoint import load_model, resolve, save_checkpoint
+from ruvdllm.config import ModelConfig
+from ruvdllm.model import DiffusionLM
+
+Scheme = Literal["int8", "int4"]
+SCHEMES: tuple[str, ...] = get_args(Scheme)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64  # chosen by measurement: docs/decisions-quant.md
+_INT8_MAX = 127
+_INT4_MAX = 7
+_TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q int8 (out, in), scales float32 (out,))`` with ``w ≈ q * scales[:, None]``."""
+    w = w.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=_TINY) / _INT8_MAX  # (out,)
+    q = torch.round(w / scales[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.to(dtype) * scales.to(dtype)[:, None]  # (out, in)
+
+
+def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """``(packed uint8 (out, in/2), scales float32 (out, in/group_size))``."""
+    out_f, in_f = w.shape
+    wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
+    scales = wg.abs().amax(dim=-1).clamp(min=_TINY) / _INT4_MAX  # (out, G)
+    q = torch.round(wg / scales[..., None]).clamp(-_INT4_MAX, _INT4_MAX).to(torch.int8)
+    q = q.reshape(out_f, in_f)  # (out, in)
+    packed = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)  # (out, in/2), int8 bit patterns
+    return packed.view(torch.uint8), scales
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Signed int8 values ``(out, in)`` of a packed ``(out, in/2)`` uint8 tensor."""
+    p = packed.view(torch.int8)
+    low, high = (p << 4) >> 4, p >> 4  # arithmetic shifts sign-extend the nibbles
+    return torch.stack((low, high), dim=-1).flatten(1)  # (out, in/2, 2) -> (out, in)
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    out_f, n_groups = scales.shape
+    q = unpack_int4(packed).reshape(out_f, n_groups, -1)  # (out, G, g)
+    return (q.to(dtype) * scales.to(dtype)[..., None]).reshape(out_f, -1)  # (out, in)
+
+
+def _use_cpu_kernel(x: Tensor) -> bool:
+    """Packed CPU kernels pay off for bfloat16 activations only (see module doc)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+class QuantizedLinear(nn.Module):
+    """Common part of the quantized linears: buffers, optional float bias, repr.
+
+    ``forward(x)`` is a plain function of ``x`` with ``in_features`` and
+    ``out_features`` like ``nn.Linear``, so LoRA can wrap it unchanged.
+    """
+
+    weight: Tensor
+    scales: Tensor
+
+    def __init__(self, in_features: int, out_features: int, weight: Tensor, scales: Tensor,
+                 bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.bias = bias
+
+    def _add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Int8Linear(QuantizedLinear):
+    """``y = x Wᵀ (+ b)`` with an int8 weight and one scale per output row."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = quantize_int8(linear.weight)
+        return cls(linear.in_features, linear.out_features, q, scales, linear.bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> Int8Linear:
+        """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
+        dev = linear.weight.device
+        return cls(linear.in_features, linear.out_features,
+                   torch.empty(linear.out_features, linear.in_features, dtype=torch.int8,
+                               device=dev),
+                   torch.empty(linear.out_features, device=dev), linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int8(self.weight, self.scales, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scales = self.scales.to(x.dtype)
+        if _use_cpu_kernel(x):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, scales)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:  # the per-row scale commutes with the matmul: scale the output
+            y = F.linear(x, self.weight.to(x.dtype)) * scales
+        return self._add_bias(y)
+
+
+@dataclass
+class _KernelWeight:
+    """The int4 weight in torch's CPU kernel layout, and what it was built from."""
+
+    weight: Tensor
+    scales: Tensor
+    stamp: tuple[int, int, torch.dtype]
+    packed: Tensor  # torch's layout, (out, in/2) uint8
+    table: Tensor  # (G, out, 2): scale and zero point (0) per group and row
+
+
+def _groups(in_features: int, group_size: int) -> int:
+    if in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide in_features "
+                         f"{in_features}")
+    return in_features // group_size
+
+
+class Int4Linear(QuantizedLinear):
+    """``y = x Wᵀ (+ b)`` with a packed int4 weight and group-wise scales.
+
+    For the CPU kernel the weight is repacked into torch's layout on first use
+    with a given dtype; that copy is derived (never a buffer, never saved) and is
+    rebuilt whenever the weight or scales tensors change (load, ``.to()``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: Tensor, scales: Tensor,
+                 bias: nn.Parameter | None) -> None:
+        super().__init__(in_features, out_features, weight, scales, bias)
+        self.group_size = in_features // scales.shape[1]
+        self._kernel: _KernelWeight | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        _groups(linear.in_features, group_size)
+        packed, scales = quantize_int4(linear.weight, group_size)
+        return cls(linear.in_features, linear.out_features, packed, scales, linear.bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
+        out_f, in_f, dev = linear.out_features, linear.in_features, linear.weight.device
+        return cls(in_f, out_f, torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=dev),
+                   torch.empty(out_f, _groups(in_f, group_size), device=dev), linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int4(self.weight, self.scales, dtype)
+
+    def _cpu_kernel_weight(self, dtype: torch.dtype) -> _KernelWeight:
+        stamp = (self.weight._version, self.scales._version, dtype)
+        k = self._kernel
+        if k is None or k.weight is not self.weight or k.scales is not self.scales \
+                or k.stamp != stamp:
+            unsigned = (unpack_int4(self.weight) + 8).to(torch.int32)  # (out, in), 1..15
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2)
+            scales_t = self.scales.t().to(dtype)  # (G, out)
+            table = torch.stack((scales_t, torch.zeros_like(scales_t)), dim=-1)  # (G, out, 2)
+            k = self._kernel = _KernelWeight(self.weight, self.scales, stamp, packed,
+                                             table.contiguous())
+        return k
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _use_cpu_kernel(x) and self.out_features % 16 == 0:  # the kernel's constraint
+            k = self._cpu_kernel_weight(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).contiguous(), k.packed, self.group_size, k.table)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return self._add_bias(y)
+
+
+def _factory(scheme: str, group_size: int | None,
+             empty: bool) -> Callable[[nn.Linear], QuantizedLinear]:
+    """How to build the quantized twin of a linear; refuses bad scheme / group size."""
+    if scheme == "int8":
+        return Int8Linear.empty_like if empty else Int8Linear.from_linear
+    if scheme != "int4":
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
+    if not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
+    build = Int4Linear.empty_like if empty else Int4Linear.from_linear
+    return partial(build, group_size=group_size)
+
+
+def _swap(model: DiffusionLM, make: Callable[[nn.Linear], QuantizedLinear]) -> None:
+    """Replace every ``nn.Linear``; all are built first, so an error changes nothing."""
+    linears = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if not linears:
+        raise ValueError("model has no float linear layers to quantize")
+    built = [make(lin) for _, _, lin in linears]
+    for (parent, name, _), new in zip(linears, built, strict=True):
+        setattr(parent, name, new)
+
+
+def quantize_model(model: DiffusionLM, scheme: Scheme,
+                   group_size: int = DEFAULT_GROUP_SIZE) -> DiffusionLM:
+    """Quantize every ``nn.Linear`` of a float model in place; the embedding stays float.
+
+    Records ``{"scheme", "group_size", "modules": "all-linear"}`` in
+    ``model.config.quantization`` (``group_size`` is null for int8, which is per row).
+    """
+    if model.config.quantization:
+        raise ValueError(f"model is already quantized ({model.config.quantization})")
+    make = _factory(scheme, group_size, empty=False)
+    with torch.no_grad():
+        _swap(model, make)
+    gs = group_size if scheme == "int4" else None
+    model.config.quantization = {"scheme": scheme, "group_size": gs, "modules": "all-linear"}
+    return model
+
+
+def prepare_quantized(model: DiffusionLM, quantization: dict[str, object]) -> None:
+    """Give a freshly built (e.g. meta) model the modules of a quantized checkpoint.
+
+    Called by :func:`ruvdllm.checkpoint.load_model` before ``load_state_dict``;
+    ``quantization`` comes from config.json, so it is validated here.
+    """
+    scheme, group_size = quantization.get("scheme"), quantization.get("group_size")
+    if quantization.get("modules") != "all-linear":
+        raise ValueError(f"quantization: unsupported modules {quantization.get('modules')!r}; "
+                         "expected 'all-linear'")
+    if not isinstance(scheme, str) or not (group_size is None or isinstance(group_size, int)):
+        raise ValueError(f"quantization: malformed entry {quantization}")
+    _swap(model, _factory(scheme, group_size, empty=True))
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: Scheme,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> Path:
+    """Quantize the float checkpoint ``src`` (folder or embedded name) into folder ``dst``."""
+    _factory(scheme, group_size, empty=False)  # refuse bad arguments before loading
+    model = load_model(src)
+    quantize_model(model, scheme, group_size)
+    tokenizer = resolve(src) / "tokenizer.json"
+    return save_checkpoint(model, dst, tokenizer_file=tokenizer if tokenizer.exists() else None)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (what a checkpoint stores)."""
+    return sum(t.numel() * t.element_size()
+               for t in [*model.parameters(), *model.buffers()])
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):  # warm-up (also builds the int4 kernel layout)
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench(tokens: int, batch: int, repeats: int, dtype: torch.dtype, seed: int) -> list[str]:
+    """Forward time, weight bytes and logits error of float / int8 / int4 models.
+
+    Rounds alternate between the models, so drift in the machine's load hits
+    all of them alike.
+    """
+    torch.manual_seed(seed)
+    base = DiffusionLM(ModelConfig()).eval()
+    ids = torch.randint(0, base.config.vocab_size, (batch, tokens))
+    models = {"float": base, "int8": quantize_model(copy.deepcopy(base), "int8")}
+    for g in GROUP_SIZES:
+        models[f"int4 g{g}"] = quantize_model(copy.deepcopy(base), "int4", g)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        logits = {name: m.to(dtype)(ids).logits.float() for name, m in models.items()}
+        for _ in range(repeats + 2):  # the first two rounds are warm-up
+            for name, m in models.items():
+                start = time.perf_counter()
+                m(ids)
+                times[name].append(time.perf_counter() - start)
+    ref_ms = statistics.median(times["float"][2:]) * 1e3
+    ref_bytes, ref_logits = weight_bytes(base), logits["float"]
+    rows = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "
+            f"batch {batch} x {tokens} tokens, median of {repeats}, "
+            f"{base.num_parameters() / 1e6:.1f}M parameters",
+            "| model | ms/forward | x float | weight MB | x float | logits rel. err |",
+            "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        ms = statistics.median(times[name][2:]) * 1e3
+        nbytes = weight_bytes(m)
+        err = ((logits[name] - ref_logits).norm() / ref_logits.norm()).item()
+        rows.append(f"| {name} | {ms:.1f} | {ms / ref_ms:.2f} | {nbytes / 1e6:.2f} | "
+                    f"{nbytes / ref_bytes:.3f} | {err:.4f} |")
+    return rows
+
+
+def _kernel_candidates(x: Tensor, lin: nn.Linear, q8: Int8Linear,
+                       q4: Int4Linear) -> list[Callable[[], object]]:
+    """Float matmul, then int8 and int4 each as dequantize-then-matmul and packed kernel."""
+    scales = q8.scales.to(x.dtype)
+    k = q4._cpu_kernel_weight(x.dtype)
+    return [
+        lambda: lin(x),
+        lambda: F.linear(x, q8.weight.to(x.dtype)) * scales,
+        lambda: torch._weight_int8pack_mm(x, q8.weight, scales),
+        lambda: F.linear(x, q4.dequantize(x.dtype)),
+        lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, k.packed, q4.group_size, k.table),
+    ]
+
+
+def bench_kernels(repeats: int, seed: int) -> list[str]:
+    """Per-shape time (ms) of the candidate implementations of one quantized linear."""
+    torch.manual_seed(seed)
+    rows = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, int4 group "
+            f"{DEFAULT_GROUP_SIZE}, median of {repeats}, ms per call",
+            "| dtype | out x in | tokens | float | int8 dequant | int8 kernel | "
+            "int4 dequant | int4 kernel |", "|---|---|---|---|---|---|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        for out_f, in_f in ((1024, 384), (384, 1024), (8192, 384)):
+            lin = nn.Linear(in_f, out_f, bias=False).to(dtype)
+            q8 = Int8Linear.from_linear(lin)
+            q4 = Int4Linear.from_linear(lin, DEFAULT_GROUP_SIZE)
+            for m in (64, 128, 512):
+                x = torch.randn(m, in_f, dtype=dtype)
+                with torch.inference_mode():
+                    ms = [_median_ms(fn, repeats) for fn in _kernel_candidates(x, lin, q8, q4)]
+                rows.append(f"| {str(dtype).removeprefix('torch.')} | {out_f} x {in_f} | {m} | "
+                            + " | ".join(f"{t:.2f}" for t in ms) + " |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ruvdllm.quant",
+                                     description="Benchmarks of weight-only quantization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_bench = sub.add_parser("bench", help="whole-model forward: float vs int8 vs int4")
+    p_bench.add_argument("--tokens", type=int, default=128)
+    p_bench.add_argument("--batch", type=int, default=1)
+    p_bench.add_argument("--repeats", type=int, default=20)
+    p_bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p_kern = sub.add_parser("kernels", help="per-linear times of the kernel candidates (ms)")
+    p_kern.add_argument("--repeats", type=int, default=10)
+    for p in (p_bench, p_kern):
+        p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        if min(args.tokens, args.batch, args.repeats) < 1:
+            parser.error("--tokens, --batch and --repeats must be positive")
+        rows = bench(args.tokens, args.batch, args.repeats, getattr(torch, args.dtype), args.seed)
+    else:
+        if args.repeats < 1:
+            parser.error("--repeats must be positive")
+        rows = bench_kernels(args.repeats, args.seed)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
