@@ -38,10 +38,9 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -83,22 +82,31 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return packed.view(torch.uint8), scales
 
 
-def unpack_int4(packed: Tensor) -> Tensor:
-    """Signed int8 values ``(out, in)`` of a packed ``(out, in/2)`` uint8 tensor."""
+def unpack_int4(packed: Tensor, dtype: torch.dtype = torch.int8) -> Tensor:
+    """Signed values ``(out, in)`` of a packed ``(out, in/2)`` uint8 tensor, as ``dtype``.
+
+    Strided copies into one buffer: 3x faster on CPU than ``torch.stack`` of int8.
+    """
     p = packed.view(torch.int8)
-    low, high = (p << 4) >> 4, p >> 4  # arithmetic shifts sign-extend the nibbles
-    return torch.stack((low, high), dim=-1).flatten(1)  # (out, in/2, 2) -> (out, in)
+    q = torch.empty(*p.shape, 2, dtype=dtype, device=p.device)  # (out, in/2, 2)
+    q[..., 0] = (p << 4) >> 4  # low nibble; arithmetic shifts sign-extend
+    q[..., 1] = p >> 4
+    return q.flatten(1)  # (out, in)
 
 
 def dequantize_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     out_f, n_groups = scales.shape
-    q = unpack_int4(packed).reshape(out_f, n_groups, -1)  # (out, G, g)
-    return (q.to(dtype) * scales.to(dtype)[..., None]).reshape(out_f, -1)  # (out, in)
+    q = unpack_int4(packed, dtype).view(out_f, n_groups, -1)  # (out, G, g)
+    return q.mul_(scales.to(dtype)[..., None]).view(out_f, -1)  # (out, in)
 
 
 def _use_cpu_kernel(x: Tensor) -> bool:
-    """Packed CPU kernels pay off for bfloat16 activations only (see module doc)."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+    """Packed CPU kernels pay off for bfloat16 activations only (see module doc).
+
+    They have no autograd formula, so inputs that need a gradient (LoRA
+    training through a quantized base) take the dequantize path.
+    """
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
 
 
 class QuantizedLinear(nn.Module):
@@ -158,17 +166,6 @@ class Int8Linear(QuantizedLinear):
         return self._add_bias(y)
 
 
-@dataclass
-class _KernelWeight:
-    """The int4 weight in torch's CPU kernel layout, and what it was built from."""
-
-    weight: Tensor
-    scales: Tensor
-    stamp: tuple[int, int, torch.dtype]
-    packed: Tensor  # torch's layout, (out, in/2) uint8
-    table: Tensor  # (G, out, 2): scale and zero point (0) per group and row
-
-
 def _groups(in_features: int, group_size: int) -> int:
     if in_features % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide in_features "
@@ -181,14 +178,24 @@ class Int4Linear(QuantizedLinear):
 
     For the CPU kernel the weight is repacked into torch's layout on first use
     with a given dtype; that copy is derived (never a buffer, never saved) and is
-    rebuilt whenever the weight or scales tensors change (load, ``.to()``).
+    dropped on every state-dict load and ``.to()``/``_apply``. Writing into the
+    buffers in place by other means is not supported.
     """
 
     def __init__(self, in_features: int, out_features: int, weight: Tensor, scales: Tensor,
                  bias: nn.Parameter | None) -> None:
         super().__init__(in_features, out_features, weight, scales, bias)
         self.group_size = in_features // scales.shape[1]
-        self._kernel: _KernelWeight | None = None
+        # (dtype, torch's (out, in/2) uint8 layout, (G, out, 2) scale and zero table)
+        self._kernel: tuple[torch.dtype, Tensor, Tensor] | None = None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int4Linear:
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
@@ -206,24 +213,21 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int4(self.weight, self.scales, dtype)
 
-    def _cpu_kernel_weight(self, dtype: torch.dtype) -> _KernelWeight:
-        stamp = (self.weight._version, self.scales._version, dtype)
-        k = self._kernel
-        if k is None or k.weight is not self.weight or k.scales is not self.scales \
-                or k.stamp != stamp:
-            unsigned = (unpack_int4(self.weight) + 8).to(torch.int32)  # (out, in), 1..15
+    def _cpu_kernel_weight(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """torch's int4 CPU layout and its scale/zero table (zero = 0: symmetric)."""
+        if self._kernel is None or self._kernel[0] != dtype:
+            unsigned = (unpack_int4(self.weight, torch.int32) + 8)  # (out, in), 1..15
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2)
             scales_t = self.scales.t().to(dtype)  # (G, out)
             table = torch.stack((scales_t, torch.zeros_like(scales_t)), dim=-1)  # (G, out, 2)
-            k = self._kernel = _KernelWeight(self.weight, self.scales, stamp, packed,
-                                             table.contiguous())
-        return k
+            self._kernel = (dtype, packed, table.contiguous())
+        return self._kernel[1], self._kernel[2]
 
     def forward(self, x: Tensor) -> Tensor:
         if _use_cpu_kernel(x) and self.out_features % 16 == 0:  # the kernel's constraint
-            k = self._cpu_kernel_weight(x.dtype)
+            packed, table = self._cpu_kernel_weight(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).contiguous(), k.packed, self.group_size, k.table)
+                x.reshape(-1, self.in_features).contiguous(), packed, self.group_size, table)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
@@ -353,13 +357,13 @@ def _kernel_candidates(x: Tensor, lin: nn.Linear, q8: Int8Linear,
                        q4: Int4Linear) -> list[Callable[[], object]]:
     """Float matmul, then int8 and int4 each as dequantize-then-matmul and packed kernel."""
     scales = q8.scales.to(x.dtype)
-    k = q4._cpu_kernel_weight(x.dtype)
+    packed, table = q4._cpu_kernel_weight(x.dtype)
     return [
         lambda: lin(x),
         lambda: F.linear(x, q8.weight.to(x.dtype)) * scales,
         lambda: torch._weight_int8pack_mm(x, q8.weight, scales),
         lambda: F.linear(x, q4.dequantize(x.dtype)),
-        lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, k.packed, q4.group_size, k.table),
+        lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, q4.group_size, table),
     ]
 
 

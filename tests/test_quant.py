@@ -126,6 +126,23 @@ def test_int4_kernel_layout_follows_new_weights() -> None:
     a.load_state_dict(b.state_dict())  # in-place copy into the same tensors
     torch.testing.assert_close(a(x), b(x))
     assert not torch.allclose(before, b(x))
+    assert a._kernel is not None and a.to(torch.float32)._kernel is None  # .to() drops it
+
+
+def test_gradients_and_inference_mode() -> None:
+    torch.manual_seed(0)
+    for q in (Int8Linear.from_linear(nn.Linear(64, 32, bias=False)),
+              Int4Linear.from_linear(nn.Linear(64, 32, bias=False), 32)):
+        for dtype in (torch.float32, torch.bfloat16):  # bf16 + grad must avoid the kernels
+            q = q.to(dtype)
+            x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+            q(x).sum().backward()
+            assert x.grad is not None
+            ref = q.dequantize().sum(0).expand(3, -1)  # d(sum y)/dx, in float32
+            assert ((x.grad.float() - ref).norm() / ref.norm()).item() < 1e-2
+        with torch.inference_mode():  # .to() here makes inference tensors
+            y = q.to(torch.float32).to(torch.bfloat16)(torch.randn(3, 64, dtype=torch.bfloat16))
+        assert torch.isfinite(y).all()
 
 
 def _weight_rel_error(model: DiffusionLM, quant: DiffusionLM) -> float:
