@@ -24,11 +24,10 @@ State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 The group size is implied by the shapes and recorded in ``config.json``.
 
 Kernels (figures in docs/decisions-quant.md): on CPU, torch's packed kernels
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 50-100x slower
-than a float matmul with float32 activations, but 3-4x faster than
-dequantize-then-matmul with bfloat16 activations. So bfloat16 inputs on CPU use
-them, everything else dequantizes the weight to the activation dtype and calls
-``F.linear``.
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 14-60x slower
+than dequantize-then-matmul with float32 activations, but 2.4-3.7x faster with
+bfloat16 activations. So bfloat16 inputs on CPU use them; everything else
+dequantizes the weight to the activation dtype and calls ``F.linear``.
 """
 
 from __future__ import annotations
