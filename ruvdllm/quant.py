@@ -158,7 +158,8 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         scales = self.scales.to(x.dtype)
         if _use_cpu_kernel(x):
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, scales)
+            x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in): 2-D only
+            y = torch._weight_int8pack_mm(x2, self.weight, scales)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # the per-row scale commutes with the matmul: scale the output
             y = F.linear(x, self.weight.to(x.dtype)) * scales
