@@ -1,0 +1,165 @@
+"""``ruvdllm``: generate, quantize, train and evaluate from the command line.
+
+User errors (a missing model folder, a corrupt checkpoint, options that do not
+fit together) end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ruvdllm.checkpoint import CheckpointError
+from ruvdllm.config import ConfigError
+from ruvdllm.sampler import SamplerError
+
+USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, ValueError)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from ruvdllm.runtime import load
+
+    rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device)
+    options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                   threshold=args.threshold, temperature=args.temperature, seed=args.seed,
+                   cache=args.cache, remasking=args.remasking, early_stop=args.early_stop)
+    if args.stream:
+        for piece in rt.stream(args.prompt, chat=args.chat, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(rt.generate(args.prompt, chat=args.chat, **options))
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from ruvdllm.quant import quantize_checkpoint
+
+    out = quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size)
+    print(f"wrote {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ruvdllm.train import TrainConfig, train
+
+    model = json.loads(args.model_json) if args.model_json else {}
+    cfg = TrainConfig(data=args.data, out=args.out, objective=args.objective,
+                      domains=tuple(args.domains), seq_len=args.seq_len,
+                      batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                      warmup=args.warmup, time_budget=args.time_budget,
+                      eval_every=args.eval_every, prefix_fraction=args.prefix_fraction,
+                      weight_decay=args.weight_decay, compile=not args.no_compile,
+                      seed=args.seed, model=model)
+    print(f"best checkpoint: {train(cfg, args.tokenizer)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ruvdllm.corpus import documents, read_export
+    from ruvdllm.evaluate import perplexity
+    from ruvdllm.runtime import load
+    from ruvdllm.train import token_stream
+
+    rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device)
+    rows = []
+    for domain in args.domains:
+        docs = read_export(args.data, domain, args.split) if args.data else documents(
+            domain, args.split)
+        t0 = time.time()
+        ppl = perplexity(rt.model, token_stream(docs, rt.tokenizer), args.seq_len, args.max_tokens,
+                         args.samples)
+        rows.append({"domain": domain, "split": args.split, "model": str(args.model),
+                     "quant": args.quant, "ppl": round(ppl, 3),
+                     "kind": "exact" if rt.model.config.causal else "elbo-bound",
+                     "seconds": round(time.time() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="checkpoint folder, default or default-ar")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32/64/128)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ruvdllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    g.add_argument("prompt")
+    _model_args(g)
+    g.add_argument("--steps", type=int, default=64)
+    g.add_argument("--gen-length", type=int, default=64)
+    g.add_argument("--block-length", type=int, default=32)
+    g.add_argument("--threshold", type=float, default=None,
+                   help="commit every position above this confidence (fast path)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    g.add_argument("--early-stop", action="store_true", help="stop once EOS is settled")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stream", action="store_true", help="print text as it is committed")
+    g.set_defaults(func=_generate)
+
+    q = sub.add_parser("quantize", help="write a weight-only quantized checkpoint")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--scheme", required=True, choices=["int8", "int4"])
+    q.add_argument("--group-size", type=int, default=64)
+    q.set_defaults(func=_quantize)
+
+    t = sub.add_parser("train", help="pre-train a diffusion model or its AR twin")
+    t.add_argument("--data", default="data/corpus", help="folder from `python -m ruvdllm.corpus "
+                   "export`")
+    t.add_argument("--tokenizer", default=str(Path(__file__).parent / "assets" /
+                                              "tokenizer.json"))
+    t.add_argument("--out", default="runs/default")
+    t.add_argument("--objective", default="diffusion", choices=["diffusion", "ar"])
+    t.add_argument("--domains", nargs="+", default=["wiki", "shakespeare", "bible"])
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--max-steps", type=int, default=0, help="0: as many as fit the time budget")
+    t.add_argument("--warmup", type=int, default=500)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--prefix-fraction", type=float, default=0.3)
+    t.add_argument("--time-budget", type=float, default=540.0, help="seconds before saving and "
+                   "stopping (resume by running again)")
+    t.add_argument("--model-json", default="", help='model config overrides, e.g. '
+                   '\'{"d_model": 384, "n_layers": 8}\'')
+    t.add_argument("--no-compile", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="held-out perplexity per domain")
+    _model_args(e)
+    e.add_argument("--domains", nargs="+", default=["wiki", "shakespeare", "bible", "pydocs"])
+    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("--data", default=None, help="read an export folder instead of the packages")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--max-tokens", type=int, default=None, help="cap tokens per domain")
+    e.add_argument("--samples", type=int, default=8, help="t samples per window (ELBO)")
+    e.add_argument("--json", default=None, help="write the rows to this file")
+    e.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except USER_ERRORS as err:
+        print(f"ruvdllm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""A bidirectional Llama-style transformer with LLaDA's module names.
+
+The mask predictor of masked diffusion (LLaDA, Nie et al. 2025; MDLM, Sahoo et
+al. 2024) is a plain transformer without a causal mask and without a timestep
+input. Module names follow LLaDA's checkpoints (``model.transformer.blocks.{i}.
+q_proj`` ...) so its weights load by name. The same network with
+``config.causal`` is the autoregressive twin used for parity studies.
+
+Attention works on explicit positions and a key-validity mask, so one code path
+serves left-padded batches, the prefix KV cache and the dual (block) cache of
+Fast-dLLM (Wu et al. 2025): cached keys are stored after RoPE together with
+their positions, and the order of keys does not matter to bidirectional
+attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ruvdllm.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of already encoded positions.
+
+    ``keys[i]``/``values[i]`` are ``(B, Hkv, S, hd)`` after RoPE; ``positions``
+    and ``valid`` are ``(B, S)``.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    positions: Tensor
+    valid: Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.positions.shape[1])
+
+    def select(self, index: Tensor) -> KVCache:
+        """The cache restricted to sequence indices ``index`` (1-D)."""
+        return KVCache(
+            keys=[k.index_select(2, index) for k in self.keys],
+            values=[v.index_select(2, index) for v in self.values],
+            positions=self.positions.index_select(1, index),
+            valid=self.valid.index_select(1, index),
+        )
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T', V) — T' positions of logits_slice
+    hidden: Tensor | None = None  # (B, T, d) final normalised hidden states
+    cache: KVCache | None = None  # cache of this call's positions (with the past)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``(B, 1, T, hd)`` for integer positions ``(B, T)`` (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, H, T, hd)``: halves layout, as LLaDA/Llama."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm attention + SwiGLU MLP; names match LLaDA's LLaDALlamaBlock."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        bias = cfg.include_qkv_bias
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=bias)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)  # gate
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.residual_dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        B, T, _ = x.shape
+        hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(h).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(h).view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, Hkv, S+T, hd)
+            v = torch.cat([past[1], v], dim=2)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
+        att = att.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d)
+        x = x + self.dropout(self.attn_out(att))
+        h = self.ff_norm(x)
+        x = x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        return x, (k, v)
+
+
+class Transformer(nn.Module):
+    """Holds LLaDA's ``transformer`` submodules: wte, blocks, ln_f, ff_out."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        if not cfg.weight_tying:
+            self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class Inner(nn.Module):
+    """The ``model.`` level of LLaDA's names (``model.transformer...``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.transformer = Transformer(cfg)
+
+
+class DiffusionLM(nn.Module):
+    """Mask predictor ``p(x_0 | x_t)``; with ``cfg.causal`` an AR language model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Inner(cfg)
+        self.reset_parameters()
+
+    @property
+    def transformer(self) -> Transformer:
+        return self.model.transformer
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if name.endswith(("norm.weight", "ln_f.weight")):
+                nn.init.ones_(p)
+            elif p.dim() == 1:  # qkv biases (Dream layout)
+                nn.init.zeros_(p)
+            elif name.endswith("attn_out.weight") or (
+                ".blocks." in name and name.endswith("ff_out.weight")
+            ):
+                nn.init.normal_(p, std=std / (2 * self.config.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        valid: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_cache: bool = False,
+        return_hidden: bool = False,
+        logits_slice: slice | None = None,
+    ) -> ModelOutput:
+        """Encode ``input_ids`` ``(B, T)``, attending also to ``cache`` if given.
+
+        ``valid`` ``(B, T)`` marks real tokens (False for left padding);
+        ``positions`` defaults to ``cumsum(valid) - 1`` continuing after the
+        cache. Logits are computed only for ``logits_slice`` of this call's
+        positions (all by default): the LM head is the largest matmul of a
+        small-step decode, and a sampler needs it for the current block only.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+        if positions is None:
+            start = cache.positions.max(dim=1, keepdim=True).values + 1 if cache else 0
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0) + start
+        key_pos, key_valid = positions, valid
+        if cache is not None:
+            key_pos = torch.cat([cache.positions, positions], dim=1)  # (B, S+T)
+            key_valid = torch.cat([cache.valid, valid], dim=1)
+        mask = key_valid[:, None, None, :]  # (B, 1, 1, S+T)
+        if cfg.causal:
+            mask = mask & (key_pos[:, None, None, :] <= positions[:, None, :, None])
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+        tr = self.transformer
+        x = tr.wte(input_ids)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        for i, block in enumerate(tr.blocks):
+            past = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x, (k, v) = block(x, cos, sin, mask, past)
+            if return_cache:
+                keys.append(k)
+                values.append(v)
+        hidden = tr.ln_f(x)
+        h = hidden if logits_slice is None else hidden[:, logits_slice]
+        logits = h @ tr.wte.weight.t() if cfg.weight_tying else tr.ff_out(h)
+        new_cache = None
+        if return_cache:
+            new_cache = KVCache(keys, values, key_pos, key_valid)
+        return ModelOutput(logits=logits, hidden=hidden if return_hidden else None,
+                           cache=new_cache)

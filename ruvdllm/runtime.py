@@ -1,0 +1,122 @@
+"""``ruvdllm.load(path_or_name) -> Runtime``: a model, its tokenizer and the sampler.
+
+The Runtime turns text in into text out; everything below it works on token
+ids. Options of :meth:`Runtime.generate` are :class:`~ruvdllm.sampler.SamplerConfig`
+fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+
+from ruvdllm.checkpoint import load_model, resolve
+from ruvdllm.model import DiffusionLM
+from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError, SamplerHook
+from ruvdllm.tokenizer import Tokenizer
+
+_SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
+
+
+class Runtime:
+    """Generate text with a masked-diffusion model."""
+
+    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer,
+                 hooks: list[SamplerHook] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampler = Sampler(model, hooks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        """Prompt ids: BOS (when the tokenizer has one) then the text or chat turn."""
+        tok = self.tokenizer
+        if chat:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        return tok.encode(prompt, add_bos=tok.bos_token_id is not None)
+
+    def sampler_config(self, **options: Any) -> SamplerConfig:
+        unknown = set(options) - _SAMPLER_OPTIONS
+        if unknown:
+            raise SamplerError(f"unknown generation options {sorted(unknown)}")
+        return SamplerConfig(**options)
+
+    @overload
+    def generate(self, prompt: str, *, chat: bool = ..., **options: Any) -> str: ...
+
+    @overload
+    def generate(self, prompt: Sequence[str], *, chat: bool = ...,
+                 **options: Any) -> list[str]: ...
+
+    def generate(self, prompt: str | Sequence[str], *, chat: bool = False,
+                 **options: Any) -> str | list[str]:
+        """Completion of one prompt (str) or of each prompt in a batch (list)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [self.encode_prompt(p, chat) for p in prompts]
+        answers = self.sampler.generate(ids, self.sampler_config(**options))
+        texts = [self.tokenizer.decode(a) for a in answers]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, *, chat: bool = False, **options: Any) -> Iterator[str]:
+        """Text pieces as the committed prefix of the answer grows.
+
+        Diffusion commits tokens anywhere in the block; a reader wants text in
+        order, so a piece is emitted when the run of committed tokens at the
+        start of the answer extends (and the rest when the process ends).
+        """
+        cfg = self.sampler_config(**options)
+        ids = [self.encode_prompt(prompt, chat)]
+        mask_id, eos_id = self.model.config.mask_token_id, self.model.config.eos_token_id
+        answer = [mask_id] * cfg.gen_length
+        start = len(ids[0])
+        sent = ""
+        for event in self.sampler.stream(ids, cfg):
+            for pos, tok in event.committed[0]:
+                answer[pos - start] = tok
+            for pos in event.remasked[0] if event.remasked else []:
+                answer[pos - start] = mask_id
+            prefix = answer[: answer.index(mask_id)] if mask_id in answer else answer
+            if eos_id in prefix:
+                prefix = prefix[: prefix.index(eos_id)]
+            text = self.tokenizer.decode(prefix)
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        final = self.tokenizer.decode(self.sampler.answers[0])
+        if final.startswith(sent) and len(final) > len(sent):
+            yield final[len(sent):]
+
+
+def load(
+    path_or_name: str | Path = "default",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    quant: str | None = None,
+    group_size: int = 64,
+) -> Runtime:
+    """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
+
+    ``quant`` (``int8`` or ``int4``) quantizes the weights after loading.
+    """
+    path = resolve(path_or_name)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(path, dtype=dtype or torch.float32, device=dev)
+    cfg = model.config
+    tokenizer = Tokenizer(path / "tokenizer.json", mask_token=cfg.mask_token_id,
+                          eos_token=cfg.eos_token_id, pad_token=cfg.pad_token_id,
+                          bos_token=cfg.bos_token_id)
+    if quant not in (None, "none"):
+        from ruvdllm.quant import quantize_model
+
+        if quant not in ("int8", "int4"):
+            raise SamplerError(f"unknown quantization {quant!r} (none, int8 or int4)")
+        quantize_model(model, quant, group_size)  # type: ignore[arg-type]
+    return Runtime(model, tokenizer)

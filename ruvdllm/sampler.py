@@ -1,0 +1,296 @@
+"""Reverse process of masked diffusion: fill an all-``[MASK]`` answer step by step.
+
+Reference (LLaDA, Nie et al. 2025, Alg. 4 "low-confidence remasking"): the
+answer is split into semi-autoregressive blocks; every step predicts all masked
+positions of the current block and commits the ``k`` most confident, where
+``k`` spreads the block's masks evenly over its steps. Temperature sampling
+perturbs logits with Gumbel noise in float64.
+
+Fast path (Fast-dLLM, Wu et al. 2025) on top of the same loop:
+
+* ``threshold``: commit every masked position whose confidence exceeds it
+  (never fewer than the schedule's ``k``, so ``steps`` stays an upper bound);
+* ``cache="prefix"``: keys/values of everything before the block are computed
+  once per block and reused; ``cache="dual"`` also caches the positions after
+  the block, so a step encodes only the block's tokens;
+* ``early_stop``: a row is finished once an EOS and everything before it are
+  committed; the loop ends when every row is.
+
+The timestep ``t`` of a row is the fraction of its answer still masked, the
+definition of DESIGN §3, so hooks (TALoRA, DGR) see the same ``t`` whatever the
+schedule. Rows are left-padded and attend only to their own tokens with
+positions counted from their first real token, so a row's greedy output does
+not depend on the batch it is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ruvdllm.model import DiffusionLM, KVCache
+
+CacheMode = Literal["none", "prefix", "dual"]
+
+
+class SamplerError(ValueError):
+    """Sampling options that cannot work together."""
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 64
+    gen_length: int = 64
+    block_length: int = 32
+    temperature: float = 0.0
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    threshold: float | None = None
+    cache: CacheMode = "none"
+    early_stop: bool = False
+    seed: int = 0
+
+    def validate(self, max_len: int, prompt_len: int) -> None:
+        if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
+            raise SamplerError("steps, gen-length and block-length must be positive")
+        if self.gen_length % self.block_length:
+            raise SamplerError(f"gen-length {self.gen_length} is not divisible by "
+                               f"block-length {self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps < blocks:
+            raise SamplerError(f"steps {self.steps} is fewer than the {blocks} blocks")
+        if self.steps % blocks:
+            raise SamplerError(f"steps {self.steps} is not a multiple of the {blocks} blocks")
+        if self.remasking not in ("low_confidence", "random"):
+            raise SamplerError(f"unknown remasking {self.remasking!r}")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise SamplerError(f"unknown cache mode {self.cache!r}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise SamplerError("threshold must be in (0, 1]")
+        if self.temperature < 0:
+            raise SamplerError("temperature must be >= 0")
+        if prompt_len + self.gen_length > max_len:
+            raise SamplerError(f"prompt ({prompt_len} tokens) + gen-length ({self.gen_length}) "
+                               f"exceeds max_sequence_length {max_len}")
+
+
+@dataclass
+class StepState:
+    """What a hook sees at one denoising step.
+
+    ``span`` is the absolute ``[start, end)`` range of ``x`` covered by
+    ``logits``/``hidden``/``confidence`` (the current block with caches, the
+    whole sequence without). ``confidence`` is the probability the model gives
+    to the current token at committed positions and to its prediction at masked
+    ones.
+    """
+
+    step: int
+    last_step: bool
+    t: Tensor  # (B,) fraction of the answer still masked
+    x: Tensor  # (B, L)
+    answer_start: int
+    span: tuple[int, int]
+    logits: Tensor | None = None  # (B, span, V)
+    hidden: Tensor | None = None  # (B, span, d)
+    confidence: Tensor | None = None  # (B, span)
+    masked: Tensor | None = None  # (B, span) bool, before this step's commits
+
+
+class SamplerHook(Protocol):
+    """Sees every step; may change the model's adapter mix and re-mask positions."""
+
+    def before_forward(self, state: StepState) -> None: ...
+
+    def after_forward(self, state: StepState) -> Tensor | None:
+        """Return a bool ``(B, span)`` of committed positions to mask again, or None."""
+        ...
+
+
+@dataclass
+class StepEvent:
+    """Tokens committed (and re-masked) at one step, per row, absolute positions."""
+
+    step: int
+    committed: list[list[tuple[int, int]]]  # row -> [(position, token)]
+    remasked: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+
+def gumbel_perturb(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+    """Scores whose argmax samples softmax(logits / T) (Gumbel-max, in float64).
+
+    Low-precision Gumbel noise measurably hurts masked-diffusion sampling
+    (LLaDA's note), hence float64.
+    """
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=gen)
+    return logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(B, P)`` ids and validity mask for prompts left-padded to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            valid[i, width - len(p):] = True
+    return ids, valid
+
+
+class Sampler:
+    """Generates answers for token prompts with one model; see the module docstring."""
+
+    def __init__(self, model: DiffusionLM, hooks: list[SamplerHook] | None = None) -> None:
+        self.model = model
+        self.hooks = list(hooks or [])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], cfg: SamplerConfig) -> list[list[int]]:
+        """Answer tokens per prompt, cut at the first EOS."""
+        events = self.stream(prompts, cfg)
+        for _ in events:
+            pass
+        return self.answers
+
+    @torch.no_grad()
+    def stream(self, prompts: list[list[int]], cfg: SamplerConfig) -> Iterator[StepEvent]:
+        """Run the reverse process, yielding the tokens committed at every step.
+
+        After exhaustion ``self.answers`` holds the answer tokens per prompt.
+        """
+        mcfg = self.model.config
+        if not prompts or any(not p for p in prompts):
+            raise SamplerError("every prompt needs at least one token")
+        cfg.validate(mcfg.max_sequence_length, max(len(p) for p in prompts))
+        dev = next(self.model.parameters()).device
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id
+
+        ids, pvalid = left_pad(prompts, mcfg.pad_token_id, dev)
+        B, P = ids.shape
+        G = cfg.gen_length
+        x = torch.cat([ids, torch.full((B, G), mask_id, dtype=torch.long, device=dev)], dim=1)
+        valid = torch.cat([pvalid, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L)
+        n_blocks = G // cfg.block_length
+        steps_per_block = cfg.steps // n_blocks
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        step = 0
+        for b in range(n_blocks):
+            lo, hi = P + b * cfg.block_length, P + (b + 1) * cfg.block_length
+            cache: KVCache | None = None
+            for s in range(steps_per_block):
+                last = s == steps_per_block - 1
+                block_masked = x[:, lo:hi] == mask_id  # (B, Tb)
+                if not block_masked.any():
+                    break
+                state = StepState(step=step, last_step=last,
+                                  t=(x[:, P:] == mask_id).float().mean(1), x=x,
+                                  answer_start=P, span=(lo, hi))
+                for hook in self.hooks:
+                    hook.before_forward(state)
+                logits, hidden, cache = self._forward(x, valid, positions, lo, hi, cache, cfg)
+                committed, remasked = self._step(x, logits, hidden, state, block_masked,
+                                                 steps_per_block - s, cfg, gen, done)
+                if cfg.early_stop:
+                    done = self._finished(x, P, mask_id, eos_id)
+                yield StepEvent(step=step, committed=committed, remasked=remasked,
+                                done=done.tolist())
+                step += 1
+                if cfg.early_stop and bool(done.all()):
+                    break
+            if cfg.early_stop and bool(done.all()):
+                break
+        self.answers = [self._cut(row.tolist(), eos_id, mask_id) for row in x[:, P:]]
+
+    def _forward(
+        self, x: Tensor, valid: Tensor, positions: Tensor, lo: int, hi: int,
+        cache: KVCache | None, cfg: SamplerConfig,
+    ) -> tuple[Tensor, Tensor, KVCache | None]:
+        """Logits and hidden states of the block ``[lo, hi)``: (B, Tb, V), (B, Tb, d)."""
+        model = self.model
+        if cfg.cache == "none" or cache is None:
+            out = model(x, positions=positions, valid=valid, return_hidden=True,
+                        return_cache=cfg.cache != "none", logits_slice=slice(lo, hi))
+            assert out.hidden is not None
+            kept = None
+            if out.cache is not None:  # refresh at the block boundary
+                L = x.shape[1]
+                keep = torch.arange(lo, device=x.device) if cfg.cache == "prefix" else (
+                    torch.cat([torch.arange(lo, device=x.device),
+                               torch.arange(hi, L, device=x.device)]))
+                kept = out.cache.select(keep)
+            return out.logits, out.hidden[:, lo:hi], kept
+        end = x.shape[1] if cfg.cache == "prefix" else hi
+        out = model(x[:, lo:end], positions=positions[:, lo:end], valid=valid[:, lo:end],
+                    cache=cache, return_hidden=True, logits_slice=slice(0, hi - lo))
+        assert out.hidden is not None
+        return out.logits, out.hidden[:, : hi - lo], cache
+
+    def _step(
+        self, x: Tensor, logits: Tensor, hidden: Tensor, state: StepState,
+        block_masked: Tensor, steps_left: int, cfg: SamplerConfig,
+        gen: torch.Generator, done: Tensor,
+    ) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:
+        lo, hi = state.span
+        logits = logits[..., : self.model.config.vocab_size]
+        pred = gumbel_perturb(logits, cfg.temperature, gen).argmax(-1)  # (B, Tb)
+        probs = F.softmax(logits.float(), dim=-1)
+        current = torch.where(block_masked, pred, x[:, lo:hi])
+        confidence = probs.gather(-1, current[..., None]).squeeze(-1)  # (B, Tb)
+        if cfg.remasking == "random":
+            score = torch.rand(pred.shape, device=x.device, generator=gen)
+        else:
+            score = confidence
+        state.logits, state.hidden, state.confidence = logits, hidden, confidence
+        state.masked = block_masked
+
+        remask = torch.zeros_like(block_masked)
+        for hook in self.hooks:
+            asked = hook.after_forward(state)
+            if asked is not None and not state.last_step:
+                remask |= asked & ~block_masked
+        # Commit the k most confident masked positions, k = ceil(masked / steps left);
+        # this equals LLaDA's even split with the remainder on the first steps.
+        n_masked = block_masked.sum(1)  # (B,)
+        k = (n_masked + steps_left - 1) // steps_left
+        score = torch.where(block_masked, score.double(), -torch.inf)
+        order = score.argsort(dim=1, descending=True)
+        rank = order.argsort(dim=1)  # (B, Tb) rank of each position
+        commit = block_masked & (rank < k[:, None])
+        if cfg.threshold is not None:
+            commit |= block_masked & (confidence > cfg.threshold)
+        commit &= ~done[:, None]
+        block = x[:, lo:hi]
+        block[commit] = pred[commit]
+        block[remask] = self.model.config.mask_token_id
+        committed = [[(lo + int(i), int(block[r, i])) for i in commit[r].nonzero().flatten()]
+                     for r in range(x.shape[0])]
+        remasked = [[lo + int(i) for i in remask[r].nonzero().flatten()]
+                    for r in range(x.shape[0])]
+        return committed, remasked
+
+    @staticmethod
+    def _finished(x: Tensor, P: int, mask_id: int, eos_id: int) -> Tensor:
+        """(B,) rows whose answer has an EOS with nothing masked before it."""
+        ans = x[:, P:]
+        is_eos = ans == eos_id
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), ans.shape[1])
+        idx = torch.arange(ans.shape[1], device=x.device)[None]
+        masked_before = ((ans == mask_id) & (idx < first_eos[:, None])).any(1)
+        return is_eos.any(1) & ~masked_before
+
+    @staticmethod
+    def _cut(row: list[int], eos_id: int, mask_id: int) -> list[int]:
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        return [tok for tok in row if tok != mask_id]
