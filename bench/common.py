@@ -1,6 +1,6 @@
 """The row format every benchmark section returns, and what a section is given.
 
-A section is a module ``ruvdllm/bench/<name>.py`` with
+A section is a module ``bench/<name>.py`` with
 ``run(params: dict[str, Any], ctx: BenchContext) -> list[Row]``; ``params`` is
 the ``[<name>]`` table of ``bench.toml`` (with ``[<name>.quick]`` merged over
 it under ``--quick``), and each target is written in bench.toml as
