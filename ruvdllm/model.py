@@ -230,6 +230,9 @@ class DiffusionLM(nn.Module):
                 values.append(v)
         hidden = tr.ln_f(x)
         h = hidden if logits_slice is None else hidden[:, logits_slice]
+        if cfg.logits_shift:  # Dream: the output at i - 1 predicts token i
+            idx = torch.arange(T, device=dev)[logits_slice or slice(None)]
+            h = hidden[:, (idx - 1).clamp(min=0)]
         logits = h @ tr.wte.weight.t() if cfg.weight_tying else tr.ff_out(h)
         new_cache = None
         if return_cache:

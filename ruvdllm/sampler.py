@@ -54,7 +54,7 @@ class SamplerConfig:
     early_stop: bool = False
     seed: int = 0
 
-    def validate(self, max_len: int, prompt_len: int) -> None:
+    def validate(self, max_len: int, prompt_len: int, logits_shift: bool = False) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
             raise SamplerError("steps, gen-length and block-length must be positive")
         if self.gen_length % self.block_length:
@@ -71,6 +71,9 @@ class SamplerConfig:
             raise SamplerError(f"unknown cache mode {self.cache!r}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise SamplerError("threshold must be in (0, 1]")
+        if logits_shift and self.cache != "none":
+            raise SamplerError("caches need the model's own logits at each position; this "
+                               "model shifts logits (Dream), use cache='none'")
         if self.temperature < 0:
             raise SamplerError("temperature must be >= 0")
         if prompt_len + self.gen_length > max_len:
@@ -170,7 +173,7 @@ class Sampler:
         mcfg = self.model.config
         if not prompts or any(not p for p in prompts):
             raise SamplerError("every prompt needs at least one token")
-        cfg.validate(mcfg.max_sequence_length, max(len(p) for p in prompts))
+        cfg.validate(mcfg.max_sequence_length, max(len(p) for p in prompts), mcfg.logits_shift)
         dev = next(self.model.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id

@@ -1,0 +1,75 @@
+"""`ruvdllm` on the command line: a LLaDA-layout checkpoint generates; bad input is one
+line on stderr with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ruvdllm.cli import main
+from tests.llada_reference import write_llada
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_llada_checkpoint_generates_through_the_cli(tmp_path):
+    write_llada(tmp_path / "ck")
+    proc = subprocess.run([sys.executable, "-m", "ruvdllm.cli", "generate", "Once upon a time",
+                           "--model", str(tmp_path / "ck"), "--steps", "8", "--gen-length", "16",
+                           "--block-length", "8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "a completion is printed"
+
+
+def test_quantize_then_generate(tmp_path, capsys):
+    write_llada(tmp_path / "ck")
+    code, _, err = run_cli(["quantize", str(tmp_path / "ck"), str(tmp_path / "q8"),
+                              "--scheme", "int8"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]
+    code, _, err = run_cli(["generate", "Hi", "--model", str(tmp_path / "q8"), "--steps", "4",
+                              "--gen-length", "8", "--block-length", "8"], capsys)
+    assert code == 0, err
+
+
+def _broken(tmp_path, kind: str) -> str:
+    path = tmp_path / kind
+    if kind == "missing":
+        return str(path)
+    write_llada(path)
+    if kind == "corrupt":
+        (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif kind == "mismatch":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["d_model"] = 64
+        (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,extra,message", [
+    ("missing", [], "no such model folder"),
+    ("corrupt", [], "corrupt safetensors"),
+    ("mismatch", [], "config implies"),
+    ("ok", ["--gen-length", "30", "--block-length", "8"], "not divisible"),
+    ("ok", ["--steps", "2", "--gen-length", "32", "--block-length", "8"], "fewer than"),
+    ("ok", ["--gen-length", "256", "--block-length", "32"], "max_sequence_length"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, kind, extra, message):
+    model = _broken(tmp_path, kind)
+    prompt = "word " * (40 if "256" in extra else 2)
+    code, out, err = run_cli(["generate", prompt, "--model", model, *extra], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert out == ""
