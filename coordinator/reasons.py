@@ -17,4 +17,3 @@ class RoundReason(StrEnum):
     MISSING_DELTA = "missing_delta"
     RECEIPT_MISMATCH = "receipt_mismatch"
     EXCLUDED_BY_DAF = "excluded_by_daf"
-    NO_OPEN_ROUND = "no_open_round"

@@ -1,0 +1,191 @@
+"""The coordinator's gRPC service (proto `ruvdllm.v1.Coordinator`): delta upload, adapter
+distribution.
+
+`SubmitDelta` is where the delta bodies arrive (DESIGN §5 "Transport": Flower 1.40+ moved
+node traffic to HTTP, the mission ships deltas over gRPC). An upload is stored only if it
+parses (`decode_delta`), comes from an enrolled node whose signature verifies, answers the
+open round from its base version, and has a nonce the store has not seen; the strategy
+later checks every stored body again before aggregating it. Refusals answer
+`accepted=false` with a `federation.Reason` value, and are logged and recorded.
+
+`GetAdapter` serves any persisted version (0 = latest); `WatchAdapters` streams the latest
+version when it is newer than the caller's and then each new one. Versions are written by
+the strategy in another process, so the stream polls the store (SQLite WAL readers do not
+block the writer).
+
+The server binds loopback by default; any other address needs TLS material or an explicit
+`insecure=True`, so deltas never cross a network in clear text by accident.
+"""
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.store import Store, StoreError
+from coordinator.tls import TlsFiles
+from federation import (
+    InvalidDelta,
+    Reason,
+    Rejected,
+    decode_delta,
+    public_key_from_bytes,
+    verify_message,
+)
+from proto import ruvdllm_pb2 as pb
+from proto import ruvdllm_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 << 20
+WATCH_POLL_S = 0.5
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Servicer over a `Store`; `stop` ends open WatchAdapters streams."""
+
+    def __init__(self, store: Store, stop: threading.Event, poll_s: float = WATCH_POLL_S) -> None:
+        self.store, self.stop, self.poll_s = store, stop, poll_s
+
+    def _refuse(
+        self, digest: bytes, size: int, round_: int | None, node_id: str, exc: Rejected
+    ) -> pb.SubmitDeltaReceipt:
+        logger.warning("refused upload from %s: %s: %s", node_id, exc.reason, exc.detail)
+        self.store.record_rejection(round=round_, node_id=node_id, stage="submit",
+                                    reason=exc.reason, detail=exc.detail, digest=digest)
+        return pb.SubmitDeltaReceipt(accepted=False, digest=digest, size_bytes=size,
+                                     reason=str(exc.reason), detail=exc.detail)
+
+    def SubmitDelta(
+        self, request: pb.SubmitDeltaRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitDeltaReceipt:
+        """Verify and store one encoded, signed LoRADelta for the open round."""
+        body = bytes(request.delta)
+        digest, size = hashlib.sha256(body).digest(), len(body)
+        try:
+            delta = decode_delta(body)
+        except InvalidDelta as exc:
+            return self._refuse(digest, size, None, f"peer:{context.peer()}",
+                                Rejected(Reason.MALFORMED, str(exc)))
+        node = delta.node_id
+        try:
+            raw_key = self.store.node_key(node)
+            if raw_key is None:
+                raise Rejected(Reason.UNKNOWN_NODE, f"node {node!r} is not enrolled")
+            verify_message(delta.message, public_key_from_bytes(raw_key))
+            current = self.store.open_round_row()
+            if current is None or delta.round != current.round:
+                now = "no round is open" if current is None else f"round {current.round} is"
+                reason = (Reason.STALE_ROUND if current is not None
+                          and delta.round < current.round else Reason.WRONG_ROUND)
+                raise Rejected(reason, f"delta answers round {delta.round}; {now} open")
+            if delta.base_version != current.base_version:
+                raise Rejected(
+                    Reason.STALE_BASE_VERSION,
+                    f"delta trained from version {delta.base_version}, round {current.round} "
+                    f"trains from {current.base_version}",
+                )
+            if not self.store.put_delta(delta, body):
+                raise Rejected(Reason.REPLAYED_NONCE,
+                               f"node {node!r} already uploaded this delta or nonce")
+        except Rejected as exc:
+            return self._refuse(digest, size, delta.round, node, exc)
+        logger.info("stored delta of %s for round %d (%d bytes)", node, delta.round, size)
+        return pb.SubmitDeltaReceipt(accepted=True, digest=digest, size_bytes=size)
+
+    def GetAdapter(
+        self, request: pb.GetAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.MergedAdapter:
+        """One persisted version (0 = latest); NOT_FOUND if absent."""
+        version = request.version
+        if version == 0:
+            latest = self.store.latest_version()
+            version = 0 if latest is None else latest.version
+        try:
+            return self.store.load_adapter(version)
+        except StoreError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise  # abort raises; this line only tells type checkers so
+
+    def WatchAdapters(
+        self, request: pb.WatchAdaptersRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.MergedAdapter]:
+        """Stream the latest version when newer than `after_version`, then each new one."""
+        after = request.after_version
+        while context.is_active() and not self.stop.is_set():
+            latest = self.store.latest_version()
+            if latest is not None and latest.version > after:
+                yield self.store.load_adapter(latest.version)
+                after = latest.version
+            self.stop.wait(self.poll_s)
+
+
+@dataclass
+class ServiceServer:
+    """A running Coordinator gRPC server and the port it bound."""
+
+    server: grpc.Server
+    port: int
+    stop_event: threading.Event
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End watch streams, then stop the server (waiting up to `grace` seconds)."""
+        self.stop_event.set()
+        self.server.stop(grace).wait()
+
+
+def serve(
+    store: Store,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls: TlsFiles | None = None,
+    insecure: bool = False,
+    max_workers: int = 32,
+) -> ServiceServer:
+    """Start the service on host:port (0 = a free port) in this process's thread pool.
+
+    Raises ValueError for a non-loopback host without TLS unless `insecure`, and
+    RuntimeError when the address cannot be bound.
+    """
+    if tls is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve deltas in clear text on {host}; configure TLS "
+            "(`ruvdllm-coordinator init-tls`) or pass --insecure"
+        )
+    stop = threading.Event()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, stop), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.server_key.read_bytes(), tls.server_cert.read_bytes())]
+        )
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the coordinator service to {address}")
+    server.start()
+    logger.info("coordinator service on %s:%d (%s)", host, bound, "TLS" if tls else "plaintext")
+    return ServiceServer(server, bound, stop)
