@@ -1,0 +1,344 @@
+"""The node's HTTP API (ASGI, FastAPI): OpenAI-compatible completions, health and metrics.
+
+    POST /v1/completions         {"prompt": str, "max_tokens", "stream", ...}
+    POST /v1/chat/completions    {"messages": [{"role", "content"}], ...}
+    POST /v1/feedback            {"id": completion id, "accepted": true} → local training text
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+Streaming answers are Server-Sent Events in OpenAI's chunk format, ending with
+``data: [DONE]``. Extensions to OpenAI's parameters: ``steps``, ``block_length`` and
+``threshold`` (the diffusion sampler's); ``system_fingerprint`` names the adapter version
+that served the request.
+
+Every refusal is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
+"code"}}`` and a log line giving the reason: malformed JSON or fields (400), a body over
+the size limit (413), a prompt or answer over the limits (400), no admission slot (429), the
+model busy past the timeout (503).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node_agent.engine import Busy, Chunk, Engine, Generation, Job, RequestError
+from node_agent.local_data import LocalData
+from node_agent.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+# Completions remembered for /v1/feedback (oldest forgotten first).
+REMEMBERED = 256
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/models", "/health",
+          "/metrics")
+
+
+class _Params(BaseModel):
+    """Generation parameters shared by both endpoints; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=1.0, le=1.0,
+                         description="only 1.0: the sampler has no nucleus truncation")
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    user: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    block_length: int | None = Field(default=None, ge=1)
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class CompletionRequest(_Params):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Params):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    accepted: bool
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+class _Guard:
+    """ASGI middleware: body-size limit (413) and per-path request counts for /metrics.
+
+    The body is read up to the limit before the app sees it (bodies here are small JSON),
+    so an oversized or lying ``Content-Length`` is refused without parsing anything.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int, metrics: Registry) -> None:
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {"code": 500}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body, too_big = b"", False
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    too_big = True
+                    break
+            if too_big:
+                self.metrics.inc("refusals_total", reason="body_too_large")
+                log.warning("refused %s: body over %d bytes", scope["path"], self.max_body)
+                await _error(413, f"request body exceeds {self.max_body} bytes",
+                             "invalid_request_error")(scope, receive, counting_send)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counting_send)
+        finally:
+            self.metrics.inc("http_requests_total", path=path, code=str(status["code"]))
+
+
+def _stop(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Registry,
+               health: Callable[[], Mapping[str, Any]]) -> FastAPI:
+    """The ASGI app of one node; ``health`` returns the node's state for /health."""
+    app = FastAPI(title="ruvdllm node", docs_url=None, redoc_url=None, openapi_url=None)
+    remembered: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def refuse(request: Request, status: int, message: str, kind: str, reason: str,
+               param: str | None = None) -> JSONResponse:
+        metrics.inc("refusals_total", reason=reason)
+        log.warning("refused %s %s (%d %s): %s", request.method, request.url.path, status,
+                    reason, message)
+        return _error(status, message, kind, param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                problems.append(f"body is not valid JSON ({err.get('ctx', {}).get('error')})")
+                continue
+            if err.get("type") == "model_attributes_type":
+                problems.append("body must be a JSON object")
+                continue
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return refuse(request, 400, "invalid request: " + "; ".join(problems),
+                      "invalid_request_error", "invalid_request", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return refuse(request, exc.status_code, str(exc.detail), "invalid_request_error",
+                      f"http_{exc.status_code}")
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return refuse(request, 400, str(exc), "invalid_request_error", "limit_or_option")
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        status = 503 if exc.queued else 429
+        return refuse(request, status, str(exc), "server_busy", "busy")
+
+    def prepare(params: _Params, prompt: str | list[dict[str, str]],
+                max_tokens: int | None) -> Generation:
+        if params.model not in (None, model_id):
+            raise RequestError(f"model {params.model!r} is not served here; use {model_id!r}")
+        return engine.prepare(prompt, max_tokens=max_tokens, steps=params.steps,
+                              block_length=params.block_length,
+                              temperature=params.temperature, threshold=params.threshold,
+                              seed=params.seed or 0, stop=_stop(params.stop))
+
+    def remember(cid: str, gen: Generation, text: str) -> None:
+        remembered[cid] = (gen.prompt_text, text)
+        while len(remembered) > REMEMBERED:
+            remembered.popitem(last=False)
+
+    async def next_chunk(job: Job) -> Chunk:
+        return await anyio.to_thread.run_sync(job.get, abandon_on_cancel=True)
+
+    async def complete(job: Job) -> Chunk:
+        try:
+            return await anyio.to_thread.run_sync(job.result, abandon_on_cancel=True)
+        finally:
+            job.cancel()
+
+    def usage(gen: Generation, final: Chunk) -> dict[str, int]:
+        prompt = len(gen.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": final.completion_tokens,
+                "total_tokens": prompt + final.completion_tokens}
+
+    def sse(job: Job, gen: Generation, cid: str, params: _Params,
+            shape: Callable[[str, str | None, bool], dict[str, Any]]) -> StreamingResponse:
+        include_usage = bool((params.stream_options or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[str]:
+            text, first = [], True
+            try:
+                while True:
+                    try:
+                        chunk = await next_chunk(job)
+                    except Exception as err:  # the worker failed mid-stream
+                        log.warning("stream %s ended by an error: %s", cid, err)
+                        body = {"error": {"message": str(err), "type": "server_error"}}
+                        yield f"data: {json.dumps(body)}\n\n"
+                        return
+                    if chunk.text or first:
+                        text.append(chunk.text)
+                        yield f"data: {json.dumps(shape(chunk.text, None, first))}\n\n"
+                        first = False
+                    if chunk.done:
+                        last = shape("", chunk.finish_reason, False)
+                        last["system_fingerprint"] = f"adapter-v{chunk.adapter_version}"
+                        if include_usage:
+                            last["usage"] = usage(gen, chunk)
+                        yield f"data: {json.dumps(last)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        remember(cid, gen, "".join(text))
+                        return
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Response:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise RequestError(f"prompt must be one string (got a list of {len(prompts)})")
+        gen = prepare(req, prompts[0], req.max_tokens)
+        job = engine.submit(gen)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def shape(text: str, finish: str | None, _first: bool) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created,
+                    "model": model_id, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                    "finish_reason": finish}]}
+
+        if req.stream:
+            return sse(job, gen, cid, req, shape)
+        final = await complete(job)
+        remember(cid, gen, final.text)
+        body = shape(final.text, final.finish_reason, False)
+        body.update(usage=usage(gen, final),
+                    system_fingerprint=f"adapter-v{final.adapter_version}")
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest) -> Response:
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise RequestError("give max_tokens or max_completion_tokens, not both")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        gen = prepare(req, messages, req.max_completion_tokens or req.max_tokens)
+        job = engine.submit(gen)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def shape(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+            delta: dict[str, str] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            return {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                    "finish_reason": finish}]}
+
+        if req.stream:
+            return sse(job, gen, cid, req, shape)
+        final = await complete(job)
+        remember(cid, gen, final.text)
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
+                         "finish_reason": final.finish_reason}],
+            "usage": usage(gen, final),
+            "system_fingerprint": f"adapter-v{final.adapter_version}"})
+
+    @app.post("/v1/feedback")
+    async def feedback(req: FeedbackRequest, request: Request) -> JSONResponse:
+        if req.id not in remembered:
+            return refuse(request, 404, f"no recent completion with id {req.id!r}",
+                          "invalid_request_error", "unknown_completion", "id")
+        prompt, answer = remembered.pop(req.id)
+        stored = None
+        if req.accepted:
+            stored = await anyio.to_thread.run_sync(data.accept, req.id, prompt, answer)
+            log.info("accepted completion %s stored as local training text", req.id)
+        return JSONResponse({"id": req.id, "accepted": req.accepted,
+                             "stored": stored is not None})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "ruvdllm"}]})
+
+    @app.get("/health")
+    async def health_endpoint() -> JSONResponse:
+        return JSONResponse(dict(health()))
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(_Guard, max_body=engine.limits.max_body_bytes, metrics=metrics)
+    return app
