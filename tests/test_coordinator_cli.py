@@ -1,0 +1,113 @@
+"""`ruvdllm-coordinator` init-tls, enroll, status and start (real SuperLink on 127.0.0.1),
+and the TOML config with its Flower run config."""
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coordinator.cli import default_node_id, main
+from coordinator.config import ConfigError, CoordinatorConfig, load, run_config
+from coordinator.launch import APP_DIR, free_port
+from coordinator.store import Store
+from federation import generate_key, public_key_bytes, save_public_key
+
+
+def test_config_defaults_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[coordinator]\nstate_dir = "st"\n[rounds]\nnum_rounds = 2\n'
+                    '[aggregation]\nfine = "geomedian"\n')
+    cfg = load(path, ["rounds.round_timeout=30", "service.host=localhost"])
+    assert cfg.state_dir == tmp_path / "st"
+    assert (cfg.rounds.num_rounds, cfg.rounds.round_timeout, cfg.service_address) == (
+        2, 30.0, "localhost:9095")
+    assert run_config(cfg)["rule-fine"] == "geomedian"
+    for bad, message in [(["rounds.fraction=0"], "fraction"), (["nope.x=1"], "unknown sections"),
+                         (["rounds.typo=1"], "unknown keys"), (["model.rank=two"], "must be int"),
+                         (["aggregation.fine=avg"], "choose one of"),
+                         (["superlink.node_auth=true"], "needs tls"), (["rounds"], "section.key")]:
+        with pytest.raises(ConfigError, match=message):
+            load(path, bad)
+    path.write_text("[rounds\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(path)
+
+
+def test_flower_app_declares_every_run_config_key_with_the_config_defaults():
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    expected = run_config(CoordinatorConfig())
+    assert set(app["config"]) == set(expected)
+    assert {k: v for k, v in app["config"].items() if k not in ("state-dir", "key-file")} == {
+        k: v for k, v in expected.items() if k not in ("state-dir", "key-file")}
+    assert app["components"]["serverapp"] == "coordinator.server_app:app"
+
+
+def test_init_tls_makes_a_ca_and_a_server_certificate(tmp_path, capsys):
+    assert main(["init-tls", "--state-dir", str(tmp_path), "--host", "coord.example"]) == 0
+    tls = tmp_path / "tls"
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tls / "server.pem").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "coord.example"}
+    assert server.issuer == ca.subject
+    ca.public_key().verify(server.signature, server.tbs_certificate_bytes,
+                           ec.ECDSA(server.signature_hash_algorithm))
+    assert (tls / "server.key").stat().st_mode & 0o077 == 0
+    assert main(["init-tls", "--state-dir", str(tmp_path)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_enroll_registers_keys_and_refuses_bad_input(tmp_path, capsys):
+    key = generate_key()
+    save_public_key(key, tmp_path / "node.pub")
+    flower = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (tmp_path / "node_ecdsa.pub").write_bytes(flower)
+    state = ["--state-dir", str(tmp_path / "st")]
+    assert main(["enroll", str(tmp_path / "node.pub"), *state]) == 0
+    node_id = default_node_id(public_key_bytes(key))
+    assert f"enrolled node {node_id}" in capsys.readouterr().out
+    assert main(["enroll", str(tmp_path / "node.pub"), "--flower-key",
+                 str(tmp_path / "node_ecdsa.pub"), *state]) == 0
+    assert "already enrolled" in capsys.readouterr().out
+    assert main(["enroll", str(tmp_path / "node.pub"), "--node-id", "other", *state]) == 2
+    (tmp_path / "junk.pub").write_text("not a key")
+    assert main(["enroll", str(tmp_path / "junk.pub"), *state]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "already enrolled" in err[0] and "not an Ed25519" in err[1]
+    (node,) = Store(tmp_path / "st").nodes()
+    assert node.node_id == node_id and node.flower_key == flower.decode()
+
+
+def test_status_without_state_is_a_one_line_error(tmp_path, capsys):
+    assert main(["status", "--state-dir", str(tmp_path / "none")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_start_runs_superlink_and_a_round_without_nodes_then_status(tmp_path):
+    """Real flower-superlink + `flwr run`: with no nodes the bounded wait ends the run."""
+    overrides = [f"superlink.port={free_port()}", f"service.port={free_port()}",
+                 "rounds.num_rounds=1", "rounds.wait_nodes=0.5"]
+    cmd = [sys.executable, "-m", "coordinator.cli", "start", "--exit-after-run",
+           "--state-dir", str(tmp_path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.splitlines()[0])
+    assert info["run_id"] > 0 and info["superlink_pid"] > 0
+    assert "finished:completed" in done.stderr
+    status = subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--json",
+                             "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, check=True)
+    versions = json.loads(status.stdout)["versions"]
+    assert [v["version"] for v in versions] == [1]
+    with pytest.raises(ProcessLookupError):  # the SuperLink was stopped with the daemon
+        os.kill(info["superlink_pid"], 0)
