@@ -57,8 +57,10 @@ def test_init_tls_makes_a_ca_and_a_server_certificate(tmp_path, capsys):
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "coord.example"}
     assert server.issuer == ca.subject
-    ca.public_key().verify(server.signature, server.tbs_certificate_bytes,
-                           ec.ECDSA(server.signature_hash_algorithm))
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey) and server.signature_hash_algorithm
+    ca_key.verify(server.signature, server.tbs_certificate_bytes,
+                  ec.ECDSA(server.signature_hash_algorithm))
     assert (tls / "server.key").stat().st_mode & 0o077 == 0
     assert main(["init-tls", "--state-dir", str(tmp_path)]) == 2
     assert "exists" in capsys.readouterr().err
