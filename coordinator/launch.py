@@ -18,6 +18,7 @@ Logs: `state_dir/logs/superlink.log`.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -36,6 +37,8 @@ from coordinator.service import ServiceServer, serve
 from coordinator.store import Store
 from coordinator.tls import TlsFiles
 from federation import generate_key, load_private_key, save_private_key, save_public_key
+
+logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 CONNECTION = "coordinator"
@@ -251,7 +254,10 @@ def start(cfg: CoordinatorConfig, *, submit: bool = True) -> Deployment:
         if cfg.superlink.node_auth:
             for node in store.nodes():
                 if node.flower_key:
-                    register_flower_key(cfg, node.flower_key)
+                    try:
+                        register_flower_key(cfg, node.flower_key)
+                    except LaunchError as exc:  # e.g. already in superlink.db from a past start
+                        logger.warning("SuperNode key of %s not registered: %s", node.node_id, exc)
         service = serve(store, cfg.service.host, cfg.service.port,
                         tls=tls_files(cfg) if cfg.service.tls else None,
                         insecure=cfg.service.insecure)
