@@ -1,0 +1,130 @@
+"""Memory: weight bytes, load and peak generation memory, float against int8/int4.
+
+On CPU a measurement runs in a fresh process (``python -m bench.memory SPEC``):
+after its imports it resets the kernel's peak-RSS mark (``/proc/self/clear_refs``),
+loads the model and generates once, and reports VmRSS growth after loading and
+VmHWM growth over the whole run. A fresh process per figure keeps the
+allocator's cached pages of earlier work out of it; tracemalloc would miss
+torch's allocations. On CUDA the same workload runs in-process between
+``reset_peak_memory_stats`` and ``max_memory_allocated``.
+
+The seed's memory targets are for a 7B int4 model: with ``--device cuda`` they
+are measured on the LLaDA-8B shape (random weights, int4); on CPU they are
+reported as not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bench.common import BenchContext, Row
+from bench.inference import llada8b, random_prompts
+from ruvdllm.quant import quantize_model, weight_bytes
+from ruvdllm.runtime import load
+from ruvdllm.sampler import Sampler, SamplerConfig
+
+MB = 1e6
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kb(key: str) -> int:
+    line = next(x for x in _STATUS.read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+def _generate(spec: dict[str, Any], device: str) -> None:
+    """Load the model of ``spec`` and generate once; returns nothing (memory is the point)."""
+    rt = load(spec["model"], device=device,
+              quant=None if spec["quant"] == "none" else spec["quant"])
+    prompts = random_prompts(spec["batch"], spec["prompt_length"], rt.model.config.vocab_size)
+    if spec["ar"]:
+        from bench.parity import ar_generate  # parity imports this module
+
+        ar_generate(rt.model, prompts, spec["output_length"])
+    else:
+        Sampler(rt.model).generate(prompts, SamplerConfig(
+            steps=spec["steps"], gen_length=spec["output_length"],
+            block_length=spec["block_length"], cache=spec["cache"]))
+
+
+def _worker(spec: dict[str, Any]) -> float:
+    """Peak RSS growth (MB) of this process over the workload, after imports."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _status_kb("VmRSS")
+    _generate(spec, "cpu")
+    return (_status_kb("VmHWM") - base) * 1e3 / MB
+
+
+def generation_peak_mb(spec: dict[str, Any], device: str) -> float:
+    """Peak memory growth (MB) of loading ``spec['model']`` and generating once.
+
+    ``spec``: model, quant, ar, prompt_length, output_length, steps,
+    block_length, cache, batch.
+    """
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _generate(spec, device)
+        return (torch.cuda.max_memory_allocated() - base) / MB
+    out = subprocess.run([sys.executable, "-m", "bench.memory", json.dumps(spec)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
+    rows: list[Row] = []
+    peaks: dict[tuple[str, int], float] = {}
+    for quant in tqdm(params["quants"], desc="memory", leave=False):
+        rt = load(params["model"], device="cpu", quant=None if quant == "none" else quant)
+        rows.append(ctx.row("memory", f"weights_mb_{quant}", weight_bytes(rt.model) / MB, "MB"))
+        for B in params["batch_sizes"]:
+            spec = {"model": params["model"], "quant": quant, "ar": False, "batch": B,
+                    **{k: params[k] for k in ("prompt_length", "output_length", "steps",
+                                              "block_length")}, "cache": "dual"}
+            peaks[quant, B] = generation_peak_mb(spec, ctx.device)
+            rows.append(ctx.row("memory", f"{quant}_total_mb_b{B}", peaks[quant, B], "MB",
+                                note="peak growth over load + generate"))
+    return rows + _llada8b_rows(params, ctx)
+
+
+def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
+    names = {"llada8b_int4_weights_gb": "GB", "llada8b_int4_total_gb": "GB",
+             "llada8b_kv_cache_gb": "GB"}
+    if ctx.device != "cuda":
+        return [Row("memory", n, float("nan"), u, note="not measured on cpu (LLaDA-8B int4 "
+                    "runs with --device cuda)") for n, u in names.items()]
+    model = quantize_model(llada8b(torch.bfloat16), "int4")
+    weights = weight_bytes(model)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    G = params["llada8b_output_length"]
+    prompts = random_prompts(1, params["llada8b_prompt_length"], model.config.vocab_size)
+    Sampler(model).generate(prompts, SamplerConfig(steps=params["llada8b_steps"], gen_length=G,
+                                                   block_length=G, cache="dual"))
+    total = torch.cuda.max_memory_allocated()
+    ctx_ids = torch.tensor(random_prompts(1, params["llada8b_context"], model.config.vocab_size),
+                           device="cuda")
+    with torch.no_grad():
+        cache = model(ctx_ids, return_cache=True, logits_slice=slice(-1, None)).cache
+    assert cache is not None
+    kv = sum(t.nbytes for t in [*cache.keys, *cache.values])
+    del model, cache
+    torch.cuda.empty_cache()
+    ctxlen = params["llada8b_context"]
+    return [ctx.row("memory", "llada8b_int4_weights_gb", weights / 1e9, "GB"),
+            ctx.row("memory", "llada8b_int4_total_gb", total / 1e9, "GB",
+                    note=f"peak allocated, B=1, {params['llada8b_prompt_length']}+{G} tokens"),
+            ctx.row("memory", "llada8b_kv_cache_gb", kv / 1e9, "GB",
+                    note=f"bfloat16 keys+values of {ctxlen} tokens")]
+
+
+if __name__ == "__main__":
+    print(_worker(json.loads(sys.argv[1])))
