@@ -1,0 +1,176 @@
+"""The long-lived node process: model, TALoRA banks, HTTP + gRPC servers, adapter watch, SuperNode.
+
+:class:`NodeAgent` assembles the pieces from a :class:`~node_agent.config.NodeConfig`:
+
+    model (quantized)  ─ LoRAModel ─ TALoRAHook (global slot per bank, mix by t)
+    Engine (one lock)  ─ HTTP API (uvicorn) and NodeAgent gRPC (Generate, TrainRound, Health)
+    AdapterSync        ─ GetAdapter at start, WatchAdapters thread, verified hot swaps
+    Trainer            ─ local data, learn.train_bank, encode_delta, SubmitDelta
+    Supernode          ─ flower-supernode child toward the SuperLink
+
+:meth:`NodeAgent.run` blocks in uvicorn until SIGINT/SIGTERM and then stops everything it
+started, whatever the cause of the exit. While it runs,
+``<home>/agent.json`` names its PID, addresses and the SuperNode's PID (``ruvdllm-node
+status`` and the demo read it); it is removed on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from federation import load_public_key, public_key_bytes
+from node_agent.adapters import AdapterError, AdapterSync
+from node_agent.config import NodeConfig
+from node_agent.engine import Engine
+from node_agent.grpc_service import NodeAgentService, serve
+from node_agent.http_api import create_app
+from node_agent.identity import ensure_identity
+from node_agent.local_data import LocalData
+from node_agent.metrics import node_registry
+from node_agent.supernode import Supernode
+from node_agent.trainer import Trainer
+from node_agent.transport import coordinator_channel
+from proto import ruvdllm_pb2 as pb
+from ruvdllm.lora import LoRAConfig, LoRAModel
+from ruvdllm.runtime import load
+from ruvdllm.talora import TALoRA, TALoRAHook
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "0.1.0"
+STATE_FILE = "agent.json"
+
+
+def state_path(cfg: NodeConfig) -> Path:
+    """Where a running agent describes itself."""
+    return cfg.node.home / STATE_FILE
+
+
+class NodeAgent:
+    """One node; build it, then :meth:`run` it. See the module docstring."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        identity = ensure_identity(cfg)
+        cfg.node.id = identity.node_id
+        self.identity = identity
+        if not cfg.coordinator.public_key.exists():
+            raise FileNotFoundError(f"coordinator public key {cfg.coordinator.public_key} is "
+                                    "missing: merged adapters could not be verified")
+        coordinator_key = load_public_key(cfg.coordinator.public_key)
+        self.metrics = node_registry()
+        quant = None if cfg.model.quant == "none" else cfg.model.quant
+        self.runtime = load(cfg.model.path, quant=quant, group_size=cfg.model.group_size,
+                            device="cpu")
+        model = self.runtime.model
+        self.model_id = f"ruvdllm-{Path(cfg.model.path).name}-{cfg.model.quant}"
+        lora = LoRAConfig(rank=cfg.training.rank, alpha=cfg.training.alpha)
+        root = cfg.node.home / "talora"
+        self.talora = (TALoRA.load(root) if (root / "CURRENT").exists()
+                       else TALoRA(root, model.config.d_model, lora))
+        if self.talora.lora != lora:
+            raise ValueError(f"TALoRA store {root} was made with {self.talora.lora}, the config "
+                             f"asks for {lora}")
+        self.runtime.sampler.hooks.append(TALoRAHook(self.talora, LoRAModel(model, lora)))
+        self.engine = Engine(self.runtime, cfg.http, self.metrics)
+        self.data = LocalData(cfg.node.data_dir)
+        coord = cfg.coordinator
+        self.adapters = AdapterSync(
+            self.engine, self.talora, model, lora, coordinator_key,
+            lambda: coordinator_channel(coord.address, coord.root_certificates,
+                                        insecure=cfg.insecure),
+            self.metrics, coord.timeout_s)
+        self.trainer = Trainer(cfg, model=model, tokenizer=self.runtime.tokenizer, lora=lora,
+                               adapters=self.adapters, data=self.data, key=identity.key,
+                               metrics=self.metrics)
+        self.service = NodeAgentService(self.engine, self.trainer, self.metrics, self.node_info)
+        self.app = create_app(self.engine, model_id=self.model_id, data=self.data,
+                              metrics=self.metrics, health=self.health)
+        self.supernode = Supernode(cfg) if cfg.supernode.enabled else None
+        self._stop = threading.Event()
+
+    def node_info(self) -> pb.NodeInfo:
+        return pb.NodeInfo(node_id=self.cfg.node.id,
+                           public_key=public_key_bytes(self.identity.key),
+                           model_id=self.model_id, adapter_version=self.adapters.applied,
+                           software_version=SOFTWARE_VERSION)
+
+    def health(self) -> dict[str, Any]:
+        """The /health body: serving state, identity, adapter and round, SuperNode state."""
+        supernode: str | int | None = None
+        if self.supernode is not None:
+            code = self.supernode.returncode()
+            supernode = "running" if code is None else code
+        return {"status": "ok", "node_id": self.cfg.node.id, "model": self.model_id,
+                "adapter_version": self.adapters.applied,
+                "last_round": self.trainer.last_round,
+                "uptime_s": round(time.time() - self.started, 1), "supernode": supernode}
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "node_id": self.cfg.node.id, "http": self.cfg.http_url,
+                 "grpc": self.cfg.grpc_address, "started_unix": self.started,
+                 "supernode_pid": (self.supernode.process.pid if self.supernode is not None
+                                   and self.supernode.process is not None else None)}
+        path = state_path(self.cfg)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(path)
+
+    def _first_sync(self) -> None:
+        try:
+            version = self.adapters.refresh()
+            log.info("adapter version %d applied at start", version)
+        except AdapterError as err:
+            log.warning("no merged adapter at start (%s); serving version %d until one is "
+                        "announced", err, self.adapters.applied)
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM; stops the servers, watcher and SuperNode on exit."""
+        cfg = self.cfg
+        grpc_server = None
+        watcher = None
+        try:
+            grpc_server, _ = serve(self.service, cfg.grpc_address)
+            self._first_sync()
+            if cfg.coordinator.watch:
+                watcher = threading.Thread(target=self.adapters.watch, args=(self._stop,),
+                                           name="adapter-watch", daemon=True)
+                watcher.start()
+            if self.supernode is not None:
+                self.supernode.start()
+            self._write_state()
+            ssl = {}
+            if cfg.http.tls_certfile is not None:
+                ssl = {"ssl_certfile": str(cfg.http.tls_certfile),
+                       "ssl_keyfile": str(cfg.http.tls_keyfile)}
+            server = uvicorn.Server(uvicorn.Config(
+                self.app, host=cfg.http.host, port=cfg.http.port, log_level="warning",
+                timeout_graceful_shutdown=5, **ssl))  # type: ignore[arg-type]
+            log.info("node %s serving %s on %s (gRPC %s)", cfg.node.id, self.model_id,
+                     cfg.http_url, cfg.grpc_address)
+            # uvicorn shuts down on SIGINT/SIGTERM, then re-raises the signal to the handler
+            # found at start: this one, so the process goes on to the clean-up below.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda number, frame: self._stop.set())
+            server.run()
+        finally:
+            self._stop.set()
+            self.adapters.close()
+            if self.supernode is not None:
+                self.supernode.stop()
+            if grpc_server is not None:
+                grpc_server.stop(grace=2).wait()
+            if watcher is not None:
+                watcher.join(timeout=5)
+            state_path(cfg).unlink(missing_ok=True)
+            log.info("node %s stopped", cfg.node.id)
