@@ -1,0 +1,136 @@
+"""Local learning: train one TALoRA bank's LoRA on the node's own text.
+
+Each bank learns the denoising work of its own timesteps: the masked-diffusion
+loss of :func:`ruvdllm.train.diffusion_loss` (LLaDA, Nie et al. 2025) with
+``t ~ U(bank range)``, through LoRA (Hu et al. 2021) on the frozen base. It
+starts from the bank's current global adapter, so a local pattern is "global
+plus what this node's text adds", and with a federation seed it follows
+FFA-LoRA (Sun et al. 2024): ``A`` is the seeded frozen matrix and only ``B``
+trains, which makes the node's update ``trained_B - global_B`` exactly
+averageable.
+
+Training runs on :func:`ruvdllm.lora.base_view` of the model, a twin that
+shares the weights but not the modules, so the caller's model (which may be
+serving requests with its own adapter mix) is never touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ruvdllm.lora import Adapter, LoRAConfig, LoRAModel, base_view, check_adapter, frozen_a, zero_b
+from ruvdllm.model import DiffusionLM
+from ruvdllm.talora import BANK_RANGES, DEFAULT_LORA
+from ruvdllm.tokenizer import Tokenizer
+from ruvdllm.train import batch_windows, diffusion_loss, token_stream
+
+MIN_T = 0.02  # lower end of t for the fine bank: 1/t weights explode near 0
+EVAL_BATCHES = 2  # fixed batches scored before and after training
+
+
+@torch.no_grad()
+def prompt_embedding(model: DiffusionLM, tokenizer: Tokenizer, texts: list[str],
+                     max_tokens: int = 4096, seq_len: int = 256) -> np.ndarray:
+    """Mean-pooled final hidden state of ``texts`` under the base model, ``(d_model,)``.
+
+    This is a TALoRA key: the embedding of a prompt at generation time, of a
+    training folder when a pattern is stored. Long inputs are cut into windows
+    of ``seq_len`` and at most ``max_tokens`` tokens are read (evenly spaced
+    windows), so keying a large folder stays cheap.
+    """
+    if not texts or not any(t.strip() for t in texts):
+        raise ValueError("no text to embed")
+    stream = token_stream(texts, tokenizer).long()
+    n = max(1, min(len(stream) // seq_len, max_tokens // seq_len))
+    if len(stream) <= seq_len:
+        batch = stream[None]  # (1, T)
+    else:
+        starts = torch.linspace(0, len(stream) - seq_len, n).long()
+        batch = stream[starts[:, None] + torch.arange(seq_len)]  # (n, seq_len)
+    twin = base_view(model).eval()
+    dev = next(twin.parameters()).device
+    out = twin(batch.to(dev), return_hidden=True, logits_slice=slice(0, 0))
+    assert out.hidden is not None  # return_hidden=True
+    return out.hidden.float().mean(dim=(0, 1)).cpu().numpy()
+
+
+def _initial(model: DiffusionLM, lora: LoRAConfig, init: Adapter | None,
+             ffa_seed: int | None, seed: int) -> tuple[Adapter, list[str]]:
+    """Starting A and B, and which keys train (B only under FFA-LoRA)."""
+    if init is not None:
+        check_adapter(model, lora, init, pairs=False)
+    init = init or {}
+    if ffa_seed is not None:
+        a = frozen_a(model, lora, ffa_seed)
+        for name, value in a.items():
+            if name in init and not torch.allclose(init[name].float().cpu(), value):
+                raise ValueError(f"init {name} differs from the FFA-LoRA A of seed {ffa_seed}: "
+                                 "the global adapter was made with another seed")
+    else:  # plain LoRA: A from init, else a seeded Kaiming-uniform draw
+        a = {name: init[name].float().cpu() if name in init else value
+             for name, value in frozen_a(model, lora, seed).items()}
+    b0 = zero_b(model, lora)
+    start: Adapter = {**a, **{k: init[k].float().cpu() if k in init else v for k, v in b0.items()}}
+    trainable = [k for k in start if k.endswith("B") or ffa_seed is None]
+    return start, trainable
+
+
+def train_bank(model: DiffusionLM, tokenizer: Tokenizer, texts: list[str], bank: str, *,
+               lora: LoRAConfig = DEFAULT_LORA, init: Adapter | None = None,
+               ffa_seed: int | None = None, steps: int = 20, lr: float = 3e-3,
+               seq_len: int = 128, batch_size: int = 4,
+               seed: int = 0) -> tuple[Adapter, dict[str, float]]:
+    """Train bank ``bank``'s adapter on ``texts``; returns it and metrics.
+
+    Metrics: ``loss_before``/``loss_after`` (the diffusion loss on
+    EVAL_BATCHES fixed batches of the text, with the same masks and ``t``
+    before and after), ``quality_gain = (before - after) / before`` and
+    ``examples`` (windows of ``seq_len`` in the text, the weight of this update
+    in federated averaging). ``model`` is left exactly as it was.
+    """
+    if bank not in BANK_RANGES:
+        raise ValueError(f"unknown bank {bank!r}; choose from {', '.join(BANK_RANGES)}")
+    if steps < 1 or batch_size < 1 or seq_len < 2 or not lr > 0:
+        raise ValueError("steps, batch_size and lr must be positive and seq_len at least 2")
+    stream = token_stream([t for t in texts if t.strip()], tokenizer) if texts else None
+    if stream is None or len(stream) <= seq_len:
+        raise ValueError(f"need more than {seq_len} tokens of text to train, got "
+                         f"{0 if stream is None else len(stream)}")
+    start, trainable = _initial(model, lora, init, ffa_seed, seed)
+    twin = base_view(model).train()
+    dev = next(twin.parameters()).device
+    params = {k: v.detach().to(dev, copy=True).requires_grad_(k in trainable)  # never the caller's
+              for k, v in start.items()}
+    lm = LoRAModel(twin, lora)
+    lm.add("train", params)
+    lm.set_mix([("train", 1.0)])
+    lo, hi = max(BANK_RANGES[bank][0], MIN_T), BANK_RANGES[bank][1]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def sample_t(n: int, g: torch.Generator) -> Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=g)).to(dev)
+
+    def fixed_loss() -> float:
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        with torch.no_grad():
+            return sum(float(diffusion_loss(twin, batch_windows(stream, batch_size, seq_len,
+                                                                g).to(dev),
+                                            0.0, 0.0, g, t=sample_t(batch_size, g)))
+                       for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW([params[k] for k in trainable], lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        x0 = batch_windows(stream, batch_size, seq_len, gen).to(dev)
+        loss = diffusion_loss(twin, x0, 0.0, 0.0, gen, t=sample_t(batch_size, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    trained = {k: v.detach().cpu().clone() for k, v in params.items()}
+    metrics = {"loss_before": before, "loss_after": after,
+               "quality_gain": (before - after) / before if before > 0 else 0.0,
+               "examples": float(len(stream) // seq_len)}
+    return trained, metrics
