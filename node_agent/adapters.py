@@ -60,6 +60,17 @@ class Version:
     banks: dict[str, dict[str, np.ndarray]]
 
 
+def bank_adapter(frozen: Adapter, version: Version, bank: str) -> Adapter:
+    """A bank's LoRA adapter: the frozen A matrices of the version's seed plus its merged B."""
+    tensors = dict(frozen)
+    for name, b in version.banks.get(bank, {}).items():
+        if not name.endswith(".lora_B") or name[:-1] + "A" not in tensors:
+            raise AdapterError(f"merged adapter v{version.version} tensor {bank}/{name} is not "
+                               "a LoRA B of this model")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(b))
+    return tensors
+
+
 class AdapterSync:
     """Keeps a node's TALoRA global slots on the coordinator's latest verified version."""
 
@@ -102,13 +113,7 @@ class AdapterSync:
 
     def adapter(self, version: Version, bank: str) -> Adapter:
         """The full LoRA adapter of a bank: frozen A from the seed plus the merged B."""
-        tensors = dict(self._frozen_a(version.ffa_seed))
-        for name, b in version.banks.get(bank, {}).items():
-            if not name.endswith(".lora_B") or name[:-1] + "A" not in tensors:
-                raise AdapterError(f"merged adapter v{version.version} tensor {bank}/{name} "
-                                   f"is not a LoRA B of this model")
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(b))
-        return tensors
+        return bank_adapter(self._frozen_a(version.ffa_seed), version, bank)
 
     # --- applying -------------------------------------------------------------------------
 

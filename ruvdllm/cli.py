@@ -79,6 +79,12 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from node_agent.demo import main as demo_main  # the node layer, loaded only for the demo
+
+    demo_main(args.demo_args)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="checkpoint folder, default or default-ar")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
@@ -148,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=8, help="t samples per window (ELBO)")
     e.add_argument("--json", default=None, help="write the rows to this file")
     e.set_defaults(func=_eval)
+    d = sub.add_parser("demo", help="coordinator + nodes on loopback, a few federated rounds",
+                       add_help=False, prefix_chars="+")
+    d.add_argument("demo_args", nargs="*", help="demo options; see `ruvdllm demo --help`")
+    d.set_defaults(func=_demo)
     return parser
 
 
