@@ -77,3 +77,42 @@ def perplexity(model: DiffusionLM, stream: Tensor, seq_len: int = 256,
     x0 = windows(stream, seq_len, max_tokens)
     nll = ar_nll(model, x0) if model.config.causal else diffusion_nll(model, x0, samples, seed)
     return math.exp(nll)
+
+
+def distinct_n(tokens: list[int], n: int = 3) -> float:
+    """Share of a text's n-grams that are unique (1.0: no repeated n-gram)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def token_f1(hypothesis: list[int], reference: list[int]) -> float:
+    """Bag-of-tokens F1 between a continuation and the document's true one."""
+    from collections import Counter
+
+    common = sum((Counter(hypothesis) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(hypothesis), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def continuation_nll(scorer: DiffusionLM, prompts: list[list[int]],
+                     answers: list[list[int]]) -> float:
+    """Per-token NLL of ``answers`` after ``prompts`` under a causal scorer (the AR twin).
+
+    A fluency proxy: low for likely text, but also low for loops, so it is read
+    together with :func:`distinct_n`.
+    """
+    if not scorer.config.causal:
+        raise ValueError("continuation_nll needs a causal (AR) scorer model")
+    dev = next(scorer.parameters()).device
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers, strict=True):
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=dev)
+        logits = scorer(ids[:, :-1]).logits[0, len(prompt) - 1:, : scorer.config.vocab_size]
+        total += float(F.cross_entropy(logits.float(), ids[0, len(prompt):], reduction="sum"))
+        count += len(answer)
+    return total / max(count, 1)

@@ -48,6 +48,7 @@ class SamplerConfig:
     gen_length: int = 64
     block_length: int = 32
     temperature: float = 0.0
+    repetition_penalty: float = 1.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     threshold: float | None = None
     cache: CacheMode = "none"
@@ -76,6 +77,8 @@ class SamplerConfig:
                                "model shifts logits (Dream), use cache='none'")
         if self.temperature < 0:
             raise SamplerError("temperature must be >= 0")
+        if self.repetition_penalty < 1.0:
+            raise SamplerError("repetition_penalty must be >= 1 (1 = off)")
         if prompt_len + self.gen_length > max_len:
             raise SamplerError(f"prompt ({prompt_len} tokens) + gen-length ({self.gen_length}) "
                                f"exceeds max_sequence_length {max_len}")
@@ -135,6 +138,23 @@ def gumbel_perturb(logits: Tensor, temperature: float, gen: torch.Generator | No
     logits = logits.double()
     u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=gen)
     return logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))
+
+
+def penalize_repeats(logits: Tensor, x: Tensor, penalty: float, special: list[int]) -> Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019) over the tokens already in each row.
+
+    Logits ``(B, T, V)`` of tokens present in ``x`` ``(B, L)`` (specials excepted)
+    are divided by ``penalty`` when positive and multiplied when negative. Small
+    diffusion LMs fill blocks with loops of one phrase; this is the measured
+    remedy (docs/model_card.md).
+    """
+    V = logits.shape[-1]
+    seen = torch.zeros(x.shape[0], V, dtype=torch.bool, device=x.device)
+    seen.scatter_(1, x.clamp(max=V - 1), True)
+    seen[:, special] = False
+    seen = seen[:, None, :]  # (B, 1, V)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -245,7 +265,11 @@ class Sampler:
         gen: torch.Generator, done: Tensor,
     ) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:
         lo, hi = state.span
-        logits = logits[..., : self.model.config.vocab_size]
+        mcfg = self.model.config
+        logits = logits[..., : mcfg.vocab_size]
+        if cfg.repetition_penalty != 1.0:
+            special = [mcfg.mask_token_id, mcfg.pad_token_id, mcfg.eos_token_id]
+            logits = penalize_repeats(logits, x, cfg.repetition_penalty, special)
         pred = gumbel_perturb(logits, cfg.temperature, gen).argmax(-1)  # (B, Tb)
         probs = F.softmax(logits.float(), dim=-1)
         current = torch.where(block_masked, pred, x[:, lo:hi])
@@ -275,7 +299,7 @@ class Sampler:
         commit &= ~done[:, None]
         block = x[:, lo:hi]
         block[commit] = pred[commit]
-        block[remask] = self.model.config.mask_token_id
+        block[remask] = mcfg.mask_token_id
         committed = [[(lo + int(i), int(block[r, i])) for i in commit[r].nonzero().flatten()]
                      for r in range(x.shape[0])]
         remasked = [[lo + int(i) for i in remask[r].nonzero().flatten()]

@@ -246,3 +246,25 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
     print(f"stopped at step {step}, best valid loss {best:.4f} "
           f"(ppl bound {math.exp(best):.1f})", flush=True)
     return out / "best"
+
+
+def plot_loss(csv_files: list[str | Path], out: str | Path) -> None:
+    """Train and validation loss against step for one or more ``loss.csv`` files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in csv_files:
+        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+        steps = [int(r["step"]) for r in rows]
+        label = Path(path).stem
+        ax.plot(steps, [float(r["train_loss"]) for r in rows], "--", label=f"{label} train")
+        ax.plot(steps, [float(r["valid_loss"]) for r in rows], label=f"{label} valid")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token; diffusion: ELBO bound)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
