@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ruvdllm import adapters_cli
 from ruvdllm.checkpoint import CheckpointError
 from ruvdllm.config import ConfigError
 from ruvdllm.sampler import SamplerError
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False, prefix_chars="+")
     d.add_argument("demo_args", nargs="*", help="demo options; see `ruvdllm demo --help`")
     d.set_defaults(func=_demo)
+    adapters_cli.register(sub)
     return parser
 
 

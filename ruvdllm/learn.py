@@ -107,24 +107,29 @@ def train_bank(model: DiffusionLM, tokenizer: Tokenizer, texts: list[str], bank:
     lm.add("train", params)
     lm.set_mix([("train", 1.0)])
     lo, hi = max(BANK_RANGES[bank][0], MIN_T), BANK_RANGES[bank][1]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def sample_t(n: int, g: torch.Generator) -> Tensor:
-        return (lo + (hi - lo) * torch.rand(n, generator=g)).to(dev)
+    def batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Windows and their t: drawn on the CPU generator, so any device gives the same."""
+        x0 = batch_windows(stream, batch_size, seq_len, g)  # (batch, seq_len)
+        return x0.to(dev), (lo + (hi - lo) * torch.rand(batch_size, generator=g)).to(dev)
 
     def fixed_loss() -> float:
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        masks = torch.Generator(device=dev).manual_seed(seed + 1)
+        total = 0.0
         with torch.no_grad():
-            return sum(float(diffusion_loss(twin, batch_windows(stream, batch_size, seq_len,
-                                                                g).to(dev),
-                                            0.0, 0.0, g, t=sample_t(batch_size, g)))
-                       for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
+            for _ in range(EVAL_BATCHES):
+                x0, t = batch(g)
+                total += float(diffusion_loss(twin, x0, 0.0, 0.0, masks, t=t))
+        return total / EVAL_BATCHES
 
     before = fixed_loss()
     opt = torch.optim.AdamW([params[k] for k in trainable], lr=lr, weight_decay=0.0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    masks = torch.Generator(device=dev).manual_seed(seed)
     for _ in range(steps):
-        x0 = batch_windows(stream, batch_size, seq_len, gen).to(dev)
-        loss = diffusion_loss(twin, x0, 0.0, 0.0, gen, t=sample_t(batch_size, gen))
+        x0, t = batch(gen)
+        loss = diffusion_loss(twin, x0, 0.0, 0.0, masks, t=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

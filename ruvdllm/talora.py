@@ -269,6 +269,7 @@ class TALoRA:
         arr = self._check_keys(keys)
         if not len(adapters) == len(metas) == len(arr):
             raise ValueError(f"{len(adapters)} adapters, {len(metas)} metas and {len(arr)} keys")
+        checked: set[int] = set()  # adapter objects validated already (one adapter, many keys)
         for adapter, meta in zip(adapters, metas, strict=True):
             if not isinstance(meta, dict) or meta.get("bank") not in BANKS:
                 raise ValueError(f"meta must be a dict whose 'bank' is one of {BANKS}")
@@ -276,11 +277,13 @@ class TALoRA:
                 json.dumps(meta)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"meta must be JSON-serialisable ({err})") from None
-            self._check_adapter(adapter)
-            self._claim_signature(adapter)
+            if id(adapter) not in checked:
+                self._check_adapter(adapter)
+                self._claim_signature(adapter)
+                checked.add(id(adapter))
         ids = list(range(self._next_id, self._next_id + len(arr)))
         self._next_id += len(arr)
-        by_object: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}  # one adapter, many keys
+        by_object: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
         for adapter in adapters:
             if id(adapter) not in by_object:
                 by_object[id(adapter)] = {k: quantize_int8(v) for k, v in adapter.items()}
@@ -333,7 +336,8 @@ class TALoRA:
         q = np.asarray(query, dtype=np.float32)
         if q.shape != (self.dim,):
             raise ValueError(f"query must have shape ({self.dim},), got {q.shape}")
-        if not np.isfinite(q).all() or not q.any():
+        norm2 = float(q @ q)  # one pass refuses NaN, inf and zero alike
+        if not 0.0 < norm2 < math.inf:
             raise ValueError("query must be finite and non-zero")
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")

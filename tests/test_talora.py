@@ -190,3 +190,22 @@ def test_hook_mixes_globals_by_t_and_prefers_local_patterns():
     assert fine is not None
     b = "model.transformer.blocks.0.q_proj.lora_B"
     torch.testing.assert_close(lm.adapters["global:fine"][b], fine[b])
+
+
+def test_cli_lists_exports_and_imports_a_global(tmp_path, capsys):
+    from ruvdllm.cli import main
+
+    root = str(tmp_path / "bank")
+    bank = TALoRA(root, DIM, CFG)
+    pid = bank.store(small_adapter(3), keys(1)[0], {"bank": "fine", "source": "docs"})
+    bank.save()
+    main(["adapters", "list", "--bank", root])
+    assert '"source": "docs"' in capsys.readouterr().out
+    main(["adapters", "export", str(tmp_path / "peft"), "--bank", root, "--id", str(pid)])
+    main(["adapters", "import", str(tmp_path / "peft"), "--bank", root, "--global", "fine",
+          "--version", "5"])
+    again = TALoRA.load(root)
+    assert again.global_version == 5 and again.patterns() == [pid]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapters", "list", "--bank", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
