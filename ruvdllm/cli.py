@@ -27,6 +27,7 @@ def _generate(args: argparse.Namespace) -> None:
     rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device)
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    threshold=args.threshold, temperature=args.temperature, seed=args.seed,
+                   repetition_penalty=args.repetition_penalty,
                    cache=args.cache, remasking=args.remasking, early_stop=args.early_stop)
     if args.stream:
         for piece in rt.stream(args.prompt, chat=args.chat, **options):
@@ -57,6 +58,13 @@ def _train(args: argparse.Namespace) -> None:
     print(f"best checkpoint: {train(cfg, args.tokenizer)}")
 
 
+def _plot_loss(args: argparse.Namespace) -> None:
+    from ruvdllm.train import plot_loss
+
+    plot_loss(args.csv, args.out)
+    print(f"wrote {args.out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from ruvdllm.corpus import documents, read_export
     from ruvdllm.evaluate import perplexity
@@ -78,6 +86,32 @@ def _eval(args: argparse.Namespace) -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _sample_quality(args: argparse.Namespace) -> None:
+    from ruvdllm.corpus import documents, read_export
+    from ruvdllm.evaluate import continuation_nll, distinct_n, token_f1
+    from ruvdllm.runtime import load
+
+    rt = load(args.model, device=args.device)
+    scorer = load(args.scorer, device=args.device).model
+    tok = rt.tokenizer
+    texts = read_export(args.data, args.domain, "test") if args.data else documents(
+        args.domain, "test")
+    docs = [tok.encode(d, add_bos=True) for d in texts]
+    docs = [d for d in docs if len(d) >= args.prompt_tokens + args.gen_length][: args.prompts]
+    prompts = [d[: args.prompt_tokens] for d in docs]
+    truths = [d[args.prompt_tokens: args.prompt_tokens + args.gen_length] for d in docs]
+    for penalty in args.penalties:
+        cfg = rt.sampler_config(steps=args.steps, gen_length=args.gen_length,
+                                block_length=args.block_length, repetition_penalty=penalty)
+        answers = rt.sampler.generate(prompts, cfg)
+        row = {"domain": args.domain, "repetition_penalty": penalty, "prompts": len(prompts),
+               "distinct3": round(sum(map(distinct_n, answers)) / len(answers), 4),
+               "token_f1": round(sum(map(token_f1, answers, truths)) / len(answers), 4),
+               "ar_nll": round(continuation_nll(scorer, prompts, answers), 4),
+               "mean_tokens": round(sum(map(len, answers)) / len(answers), 1)}
+        print(json.dumps(row), flush=True)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -106,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None,
                    help="commit every position above this confidence (fast path)")
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.2,
+                   help="CTRL-style penalty on tokens already present (1 = off; 1.2 measured "
+                   "best, docs/model_card.md)")
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
     g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
     g.add_argument("--early-stop", action="store_true", help="stop once EOS is settled")
@@ -145,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
 
+    pl = sub.add_parser("plot-loss", help="plot loss.csv files of training runs")
+    pl.add_argument("csv", nargs="+")
+    pl.add_argument("--out", required=True)
+    pl.set_defaults(func=_plot_loss)
+
     e = sub.add_parser("eval", help="held-out perplexity per domain")
     _model_args(e)
     e.add_argument("--domains", nargs="+", default=["wiki", "shakespeare", "bible", "pydocs"])
@@ -155,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=8, help="t samples per window (ELBO)")
     e.add_argument("--json", default=None, help="write the rows to this file")
     e.set_defaults(func=_eval)
+
+    s = sub.add_parser("sample-quality", help="repetition and quality of greedy continuations "
+                       "of held-out documents, per repetition penalty")
+    s.add_argument("--model", default="default")
+    s.add_argument("--scorer", default="default-ar", help="causal model scoring fluency")
+    s.add_argument("--device", default=None)
+    s.add_argument("--domain", default="wiki")
+    s.add_argument("--data", default=None, help="read an export folder instead of the packages")
+    s.add_argument("--prompts", type=int, default=16)
+    s.add_argument("--prompt-tokens", type=int, default=32)
+    s.add_argument("--gen-length", type=int, default=64)
+    s.add_argument("--block-length", type=int, default=32)
+    s.add_argument("--steps", type=int, default=64)
+    s.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3])
+    s.set_defaults(func=_sample_quality)
     d = sub.add_parser("demo", help="coordinator + nodes on loopback, a few federated rounds",
                        add_help=False, prefix_chars="+")
     d.add_argument("demo_args", nargs="*", help="demo options; see `ruvdllm demo --help`")
