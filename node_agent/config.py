@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ruvdllm.quant import DEFAULT_GROUP_SIZE
+
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -56,7 +58,7 @@ class ModelSection:
 
     path: str = "default"
     quant: str = "int8"
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from ruvdllm import adapters_cli
 from ruvdllm.checkpoint import CheckpointError
 from ruvdllm.config import ConfigError
+from ruvdllm.quant import DEFAULT_GROUP_SIZE
 from ruvdllm.sampler import SamplerError
 
 USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, ValueError)
@@ -123,7 +124,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="checkpoint folder, default or default-ar")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32/64/128)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help="int4 group size (32/64/128)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument("--scheme", required=True, choices=["int8", "int4"])
-    q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     q.set_defaults(func=_quantize)
 
     t = sub.add_parser("train", help="pre-train a diffusion model or its AR twin")

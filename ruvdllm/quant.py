@@ -52,7 +52,7 @@ from ruvdllm.model import DiffusionLM
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 64  # chosen by measurement: docs/decisions-quant.md
+DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions-quant.md
 _INT8_MAX = 127
 _INT4_MAX = 7
 _TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group

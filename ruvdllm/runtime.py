@@ -16,6 +16,7 @@ import torch
 
 from ruvdllm.checkpoint import load_model, resolve
 from ruvdllm.model import DiffusionLM
+from ruvdllm.quant import DEFAULT_GROUP_SIZE
 from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError, SamplerHook
 from ruvdllm.tokenizer import Tokenizer
 
@@ -100,7 +101,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     quant: str | None = None,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Runtime:
     """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
 

@@ -46,9 +46,8 @@ import uuid
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hnswlib
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -57,6 +56,9 @@ from torch import Tensor
 
 from ruvdllm.lora import Adapter, LoRAConfig, LoRAModel, parse_key
 from ruvdllm.quant import dequantize_int8, quantize_int8
+
+if TYPE_CHECKING:  # hnswlib is imported where an index is built: the GPU image lacks it
+    import hnswlib
 from ruvdllm.sampler import StepState
 
 BANKS = ("coarse", "domain", "fine")
@@ -116,6 +118,8 @@ class _Bank:
 
 
 def _new_index(dim: int, max_elements: int) -> hnswlib.Index:
+    import hnswlib
+
     index = hnswlib.Index(space="cosine", dim=dim)
     index.init_index(max_elements=max_elements, ef_construction=HNSW_EF_CONSTRUCTION,
                      M=HNSW_M, allow_replace_deleted=True)
@@ -507,6 +511,8 @@ class TALoRA:
                       for k in bank._signature or {}}
             bank._patterns[pid] = _Pattern(b, json.loads(meta), packed, uses, last_used)
             bank._banks[b].live.add(pid)
+        import hnswlib
+
         for b in BANKS:
             n_live = len(bank._banks[b].live)
             index = hnswlib.Index(space="cosine", dim=bank.dim)
