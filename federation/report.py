@@ -1,4 +1,4 @@
-"""Measure the codec and the aggregators; prints the tables of docs/benchmarks-fedlib.md.
+"""Measure the codec and the aggregators; prints the tables of docs/benchmarks.md.
 
     python -m federation.report [--seed 0]
 

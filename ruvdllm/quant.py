@@ -23,7 +23,7 @@ State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 
 The group size is implied by the shapes and recorded in ``config.json``.
 
-Kernels (figures in docs/decisions-quant.md): on CPU, torch's packed kernels
+Kernels (figures in docs/decisions.md): on CPU, torch's packed kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 14-60x slower
 than dequantize-then-matmul with float32 activations, but 2.4-3.7x faster with
 bfloat16 activations. So bfloat16 inputs on CPU use them; everything else
@@ -52,7 +52,7 @@ from ruvdllm.model import DiffusionLM
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions-quant.md
+DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions.md
 _INT8_MAX = 127
 _INT4_MAX = 7
 _TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group

@@ -168,7 +168,7 @@ def test_quantized_forward_close_to_float(scheme: str, group_size: int) -> None:
     # Each matmul's output error is about its weight's relative error e (inputs
     # are RMS-normalised, weights and rounding errors independent); the layers
     # compound it: measured ≈ 1.0e for this 2-layer model and ≈ 3e for the
-    # 8-layer default (docs/decisions-quant.md). 2e bounds what weight rounding
+    # 8-layer default (docs/decisions.md). 2e bounds what weight rounding
     # explains here; a wrong scale, nibble order or kernel layout gives O(1).
     e = _weight_rel_error(model, quant)
     assert 0 < err <= 2 * e
