@@ -137,7 +137,8 @@ def _plot_quality(rows: Sequence[Row], path: Path) -> bool:
 
 
 def _plot_rounds(rows: Sequence[Row], base: str, ylabel: str, path: Path) -> bool:
-    pts = sorted((int(lab["round"]), v) for lab, v in _points(rows, "federation", base))
+    pts = sorted((int(lab["round"]), v) for lab, v in _points(rows, "federation", base)
+                 if "round" in lab)  # the unlabelled row is the final summary
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -148,3 +148,15 @@ def test_missing_section_module_is_reported_not_skipped():
 def test_failing_section_becomes_error_row():
     rows = cli.run_section("quality", {}, BenchContext())  # no params: KeyError inside
     assert rows[0].name == "error" and "KeyError" in rows[0].note
+
+
+def test_round_plots_ignore_the_unlabelled_summary_row(tmp_path):
+    from bench.common import Row
+    from bench.report import _plot_rounds
+
+    rows = [Row("federation", "heldout_ppl", 40.0, "ppl"),
+            Row("federation", "heldout_ppl{round=1}", 50.0, "ppl"),
+            Row("federation", "heldout_ppl{round=2}", 40.0, "ppl")]
+    assert _plot_rounds(rows, "heldout_ppl", "held-out ppl", tmp_path / "p.png")
+    assert (tmp_path / "p.png").exists()
+    assert not _plot_rounds(rows[:1], "heldout_ppl", "held-out ppl", tmp_path / "q.png")
