@@ -154,6 +154,7 @@ class Engine:
                 max_tokens: int | None = None,
                 steps: int | None = None, block_length: int | None = None,
                 temperature: float = 0.0, threshold: float | None = None, seed: int = 0,
+                repetition_penalty: float = 1.2,
                 stop: tuple[str, ...] = ()) -> Generation:
         """Check a request against the node's limits and turn it into a Generation.
 
@@ -187,7 +188,7 @@ class Engine:
             raise RequestError("stop must be at most 4 non-empty strings")
         cfg = SamplerConfig(steps=steps_used, gen_length=gen_length, block_length=block_length,
                             temperature=temperature, threshold=threshold, seed=seed,
-                            early_stop=True)
+                            repetition_penalty=repetition_penalty, early_stop=True)
         try:
             cfg.validate(max_len, len(ids))
         except SamplerError as err:

@@ -123,6 +123,7 @@ def test_stop_string_cuts_the_answer(client: TestClient) -> None:
     ({"prompt": "x", "steps": 100_000}, "steps must be between"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate: Extra inputs are not permitted"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "repetition_penalty": 0.5}, "repetition_penalty"),
     ({"prompt": "x", "n": 2}, "n:"),
     ({"prompt": ["a", "b"]}, "one string"),
     ({"prompt": "x", "model": "gpt-4"}, "is not served here"),
