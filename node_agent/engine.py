@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from node_agent.config import HttpSection
 from node_agent.metrics import Registry
 from ruvdllm.runtime import Runtime
-from ruvdllm.sampler import SamplerConfig, SamplerError
+from ruvdllm.sampler import AnswerTracker, SamplerConfig, SamplerError
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,8 @@ class Engine:
         rt, t0 = self.runtime, time.perf_counter()
         version = self.adapter_version
         mcfg = rt.model.config
-        mask_id, eos_id = mcfg.mask_token_id, mcfg.eos_token_id
-        start = len(gen.prompt_ids)
-        answer = [mask_id] * gen.sampler.gen_length
+        tracker = AnswerTracker(len(gen.prompt_ids), gen.sampler.gen_length,
+                                mcfg.mask_token_id, mcfg.eos_token_id)
         sent_ids: list[int] = []
         prefix: list[int] = []
         sent_text, text, forwards, reason, step = "", "", 0, "", 0
@@ -255,13 +254,9 @@ class Engine:
 
         for event in rt.sampler.stream([gen.prompt_ids], gen.sampler):
             forwards, step = forwards + 1, event.step + 1
-            for pos, tok in event.committed[0]:
-                answer[pos - start] = tok
-            for pos in event.remasked[0] if event.remasked else []:
-                answer[pos - start] = mask_id
-            prefix = answer[: answer.index(mask_id)] if mask_id in answer else answer
-            if eos_id in prefix:
-                prefix, reason = prefix[: prefix.index(eos_id)], "stop"
+            prefix = tracker.apply(event)
+            if tracker.ended:
+                reason = "stop"
             if len(prefix) >= gen.max_tokens:
                 prefix, reason = prefix[: gen.max_tokens], reason or "length"
             text = rt.tokenizer.decode(prefix)

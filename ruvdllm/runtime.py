@@ -17,7 +17,7 @@ import torch
 from ruvdllm.checkpoint import load_model, resolve
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import DEFAULT_GROUP_SIZE
-from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError, SamplerHook
+from ruvdllm.sampler import AnswerTracker, Sampler, SamplerConfig, SamplerError, SamplerHook
 from ruvdllm.tokenizer import Tokenizer
 
 _SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
@@ -68,25 +68,17 @@ class Runtime:
     def stream(self, prompt: str, *, chat: bool = False, **options: Any) -> Iterator[str]:
         """Text pieces as the committed prefix of the answer grows.
 
-        Diffusion commits tokens anywhere in the block; a reader wants text in
-        order, so a piece is emitted when the run of committed tokens at the
-        start of the answer extends (and the rest when the process ends).
+        A piece is emitted when the committed run at the start of the answer
+        extends (:class:`~ruvdllm.sampler.AnswerTracker`), the rest at the end.
         """
         cfg = self.sampler_config(**options)
         ids = [self.encode_prompt(prompt, chat)]
-        mask_id, eos_id = self.model.config.mask_token_id, self.model.config.eos_token_id
-        answer = [mask_id] * cfg.gen_length
-        start = len(ids[0])
+        mcfg = self.model.config
+        tracker = AnswerTracker(len(ids[0]), cfg.gen_length, mcfg.mask_token_id,
+                                mcfg.eos_token_id)
         sent = ""
         for event in self.sampler.stream(ids, cfg):
-            for pos, tok in event.committed[0]:
-                answer[pos - start] = tok
-            for pos in event.remasked[0] if event.remasked else []:
-                answer[pos - start] = mask_id
-            prefix = answer[: answer.index(mask_id)] if mask_id in answer else answer
-            if eos_id in prefix:
-                prefix = prefix[: prefix.index(eos_id)]
-            text = self.tokenizer.decode(prefix)
+            text = self.tokenizer.decode(tracker.apply(event))
             if text.startswith(sent) and len(text) > len(sent):
                 yield text[len(sent):]
                 sent = text

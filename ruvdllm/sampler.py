@@ -127,6 +127,33 @@ class StepEvent:
     done: list[bool] = field(default_factory=list)
 
 
+class AnswerTracker:
+    """One row's answer rebuilt from step events, for streaming text in order.
+
+    Diffusion commits tokens anywhere in a block; a reader wants text in order,
+    so ``prefix`` is the run of committed tokens from the answer's start, cut at
+    the first EOS (``ended`` tells whether one was reached).
+    """
+
+    def __init__(self, answer_start: int, gen_length: int, mask_id: int, eos_id: int) -> None:
+        self.start, self.mask_id, self.eos_id = answer_start, mask_id, eos_id
+        self.answer = [mask_id] * gen_length
+        self.prefix: list[int] = []
+        self.ended = False
+
+    def apply(self, event: StepEvent, row: int = 0) -> list[int]:
+        """Take one step's commits and re-masks; return the new ``prefix``."""
+        for pos, tok in event.committed[row]:
+            self.answer[pos - self.start] = tok
+        for pos in event.remasked[row] if event.remasked else []:
+            self.answer[pos - self.start] = self.mask_id
+        a = self.answer
+        prefix = a[: a.index(self.mask_id)] if self.mask_id in a else a
+        self.ended = self.eos_id in prefix
+        self.prefix = prefix[: prefix.index(self.eos_id)] if self.ended else prefix
+        return self.prefix
+
+
 def gumbel_perturb(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
     """Scores whose argmax samples softmax(logits / T) (Gumbel-max, in float64).
 
