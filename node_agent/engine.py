@@ -36,6 +36,14 @@ class RequestError(ValueError):
     """A generation request that cannot be served as asked (answered with 400)."""
 
 
+class LimitExceeded(RequestError):
+    """A well-formed request over one of the node's configured limits (answered with 422)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Busy(RuntimeError):
     """No admission slot free, or the model stayed busy past the timeout (429 / 503)."""
 
@@ -165,11 +173,12 @@ class Engine:
         lim = self.limits
         text, ids = self.encode(prompt)
         if len(ids) > lim.max_prompt_tokens:
-            raise RequestError(f"prompt is {len(ids)} tokens; this node accepts at most "
-                               f"{lim.max_prompt_tokens}")
+            raise LimitExceeded(f"prompt is {len(ids)} tokens; this node accepts at most "
+                                f"{lim.max_prompt_tokens}", param="prompt")
         n = lim.default_new_tokens if max_tokens is None else max_tokens
         if not 1 <= n <= lim.max_new_tokens:
-            raise RequestError(f"max_tokens must be between 1 and {lim.max_new_tokens}, got {n}")
+            raise LimitExceeded(f"max_tokens must be between 1 and {lim.max_new_tokens}, got {n}",
+                                param="max_tokens")
         if block_length is None:
             block_length = n if n <= 2 * BLOCK else BLOCK
         if block_length < 1:
@@ -178,12 +187,13 @@ class Engine:
         gen_length = blocks * block_length
         want = lim.default_steps if steps is None else steps
         if not 1 <= want <= lim.max_steps:
-            raise RequestError(f"steps must be between 1 and {lim.max_steps}, got {want}")
+            raise LimitExceeded(f"steps must be between 1 and {lim.max_steps}, got {want}",
+                                param="steps")
         steps_used = -(-max(want, blocks) // blocks) * blocks
         max_len = self.runtime.model.config.max_sequence_length
         if len(ids) + gen_length > max_len:
-            raise RequestError(f"prompt ({len(ids)} tokens) + answer ({gen_length}) exceeds "
-                               f"the model's {max_len}-token context")
+            raise LimitExceeded(f"prompt ({len(ids)} tokens) + answer ({gen_length}) exceeds "
+                                f"the model's {max_len}-token context", param="max_tokens")
         if any(not s for s in stop) or len(stop) > 4:
             raise RequestError("stop must be at most 4 non-empty strings")
         cfg = SamplerConfig(steps=steps_used, gen_length=gen_length, block_length=block_length,
@@ -249,7 +259,8 @@ class Engine:
         def emit(ready: str) -> None:
             nonlocal sent_text, sent_ids
             if ready.startswith(sent_text) and len(ready) > len(sent_text):
-                job.put(Chunk(ready[len(sent_text):], prefix[len(sent_ids):], step))
+                job.put(Chunk(ready[len(sent_text):], prefix[len(sent_ids):], step,
+                              adapter_version=self.adapter_version))
                 sent_text, sent_ids = ready, list(prefix)
 
         for event in rt.sampler.stream([gen.prompt_ids], gen.sampler):
