@@ -3,11 +3,12 @@
     ruvdllm-coordinator init-tls --config coordinator.toml [--host NAME ...]
     ruvdllm-coordinator enroll node.pub [--node-id ID] [--flower-key node_ecdsa.pub]
     ruvdllm-coordinator start --config coordinator.toml [--set rounds.num_rounds=3]
-                              [--exit-after-run]
+                              [--exit-after-run] [--insecure]
     ruvdllm-coordinator status --config coordinator.toml [--json]
 
 `--config` is optional everywhere (defaults: docs/deploy-coordinator.md); `--set
-section.key=value` overrides any key. User errors print one line and exit 2.
+section.key=value` overrides any key. A non-loopback `superlink.host` or `service.host`
+without TLS is refused unless `--insecure` is given. User errors print one line and exit 2.
 """
 
 import argparse
@@ -46,6 +47,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     overrides = list(args.set or [])
     if getattr(args, "state_dir", None):
         overrides.append(f"coordinator.state_dir={json.dumps(str(args.state_dir))}")
+    if getattr(args, "insecure", False):
+        overrides += ["superlink.insecure=true", "service.insecure=true"]
     return load(args.config, overrides)
 
 
@@ -182,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config key (repeatable)")
         p.add_argument("--state-dir", type=Path, help="override coordinator.state_dir")
+        p.add_argument("--insecure", action="store_true",
+                       help="allow plaintext SuperLink/service on a non-loopback host")
         return p
 
     p = command("start", "start SuperLink, the gRPC service and the federated run")

@@ -17,6 +17,7 @@ Every key has a default, so an empty file (or none) is a working loopback setup.
     port = 9092
     tls = false                       # serve with state_dir/tls (made by `init-tls`)
     node_auth = false                 # --enable-supernode-auth (needs tls)
+    insecure = false                  # allow plaintext on a non-loopback host
 
     [service]                         # our gRPC Coordinator service (SubmitDelta, GetAdapter, ...)
     host = "127.0.0.1"
@@ -47,9 +48,14 @@ Every key has a default, so an empty file (or none) is a working loopback setup.
     noise_multiplier = 0.0
     delta = 1e-5
 
+A non-loopback `host` without `tls` is refused unless that section's `insecure` is true
+(`ruvdllm-coordinator start --insecure` sets both): deltas, merged adapters and node
+registrations must not cross a network in clear text by accident.
+
 `ConfigError` carries a one-line message for the CLI.
 """
 
+import ipaddress
 import json
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -62,6 +68,16 @@ from federation import BANKS, RULES, BankRule, default_rules
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what and where."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses (brackets around IPv6 allowed)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class SuperLinkSection:
     port: int = 9092
     tls: bool = False
     node_auth: bool = False
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +213,12 @@ def _validate(cfg: CoordinatorConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for name, section in (("superlink", cfg.superlink), ("service", cfg.service)):
+        if not (section.tls or section.insecure or is_loopback(section.host)):
+            raise ConfigError(
+                f"{name}.host {section.host} is not loopback and {name}.tls is off: run "
+                f"`ruvdllm-coordinator init-tls` and set {name}.tls = true, or pass --insecure"
+            )
     for bank in BANKS:
         if (rule := getattr(a, bank)) not in RULES:
             raise ConfigError(f"aggregation.{bank} = {rule!r}; choose one of {sorted(RULES)}")

@@ -21,7 +21,6 @@ The server binds loopback by default; any other address needs TLS material or an
 """
 
 import hashlib
-import ipaddress
 import logging
 import threading
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.config import is_loopback
 from coordinator.store import Store, StoreError
 from coordinator.tls import TlsFiles
 from federation import (
@@ -47,16 +47,6 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20
 WATCH_POLL_S = 0.5
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IP addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):

@@ -11,10 +11,17 @@ Streaming answers are Server-Sent Events in OpenAI's chunk format, ending with
 to the measured 1.2 of docs/model_card.md); ``system_fingerprint`` names the adapter version
 that served the request.
 
+Every streamed chunk's ``system_fingerprint`` is ``adapter-v<N>``, the version in place
+when the chunk was produced; a hot swap waits for the request in flight (see
+:mod:`node_agent.engine`), so every chunk of one answer names the same version.
+
 Every refusal is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
-"code"}}`` and a log line giving the reason: malformed JSON or fields (400), a body over
-the size limit (413), a prompt or answer over the limits (400), no admission slot (429), the
-model busy past the timeout (503).
+"code"}}``, a ``refusals_total{reason}`` count and a log line giving the reason: malformed
+JSON or fields (400), a body over ``http.max_body_bytes`` (413), a prompt over
+``http.max_prompt_tokens``, an answer over ``http.max_new_tokens`` or the model's context,
+or steps over ``http.max_steps`` (422), no admission slot of ``http.max_concurrency`` (429,
+with ``Retry-After``); the model busy past ``http.request_timeout_s`` is a 503. None of
+them runs the model or changes the node's state.
 """
 
 from __future__ import annotations
@@ -24,18 +31,18 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from node_agent.engine import Busy, Chunk, Engine, Generation, Job, RequestError
+from node_agent.engine import Busy, Chunk, Engine, Generation, Job, LimitExceeded, RequestError
 from node_agent.local_data import LocalData
 from node_agent.metrics import Registry
 
@@ -43,16 +50,37 @@ log = logging.getLogger(__name__)
 
 # Completions remembered for /v1/feedback (oldest forgotten first).
 REMEMBERED = 256
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/models", "/health",
-          "/metrics")
+# Seconds a client refused with 429 is asked to wait (one short generation's time).
+RETRY_AFTER_S = 1
+# Largest seed the sampler's torch.Generator accepts as a signed 64-bit value.
+MAX_SEED = 2**63 - 1
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/feedback")
+ROUTES = (*JSON_ROUTES, "/v1/models", "/health", "/metrics")
+
+
+def _unicode(value: str) -> str:
+    """Refuse strings that are not Unicode text: JSON allows lone UTF-16 surrogates
+    (``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate, which is not Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Params(BaseModel):
-    """Generation parameters shared by both endpoints; unknown fields are refused."""
+    """Generation parameters shared by both endpoints; unknown fields are refused.
 
-    model_config = ConfigDict(extra="forbid")
+    JSON's non-standard ``NaN``/``Infinity`` literals (which Python's parser accepts) are
+    refused too, so no float reaches the sampler without passing its range check.
+    """
 
-    model: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=1.0, le=1.0,
@@ -60,9 +88,9 @@ class _Params(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    user: str | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    user: Text | None = None
     steps: int | None = Field(default=None, ge=1)
     block_length: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -70,15 +98,15 @@ class _Params(BaseModel):
 
 
 class CompletionRequest(_Params):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatRequest(_Params):
@@ -89,20 +117,40 @@ class ChatRequest(_Params):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: Text
     accepted: bool
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, kind: str, param: str | None = None,
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The request's ``Content-Length`` as an int, None if absent or not a number."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.strip().isdigit() else None
+    return None
+
+
+def _json_content_type(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when the request's ``Content-Type`` is JSON (``*/json``, ``*+json``)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind.endswith(b"/json") or kind.endswith(b"+json")
+    return False
 
 
 class _Guard:
-    """ASGI middleware: body-size limit (413) and per-path request counts for /metrics.
+    """ASGI middleware: body-size limit (413), JSON content type on POST (415), and
+    per-path request counts for /metrics.
 
-    The body is read up to the limit before the app sees it (bodies here are small JSON),
-    so an oversized or lying ``Content-Length`` is refused without parsing anything.
+    A declared ``Content-Length`` over the limit is refused before reading; otherwise the
+    body is read up to the limit before the app sees it (bodies here are small JSON), so an
+    oversized or lying ``Content-Length`` is refused without parsing anything.
     """
 
     def __init__(self, app: ASGIApp, max_body: int, metrics: Registry) -> None:
@@ -121,8 +169,16 @@ class _Guard:
             await send(message)
 
         try:
-            body, too_big = b"", False
-            more = True
+            declared = _declared_length(scope["headers"])
+            if (scope["method"] == "POST" and scope["path"] in JSON_ROUTES
+                    and not _json_content_type(scope["headers"])):
+                self.metrics.inc("refusals_total", reason="content_type")
+                log.warning("refused %s: Content-Type is not JSON", scope["path"])
+                await _error(415, "Content-Type must be application/json",
+                             "invalid_request_error")(scope, receive, counting_send)
+                return
+            body, too_big = b"", declared is not None and declared > self.max_body
+            more = not too_big
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -152,6 +208,17 @@ class _Guard:
             self.metrics.inc("http_requests_total", path=path, code=str(status["code"]))
 
 
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
+def _where(loc: Sequence[int | str]) -> str | None:
+    """A validation error's field path (``messages.0.role``) without the ``body`` root and
+    pydantic's union-member tags (``str``, ``list[...]``, ``function-after[...]``)."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or (p not in _UNION_TAGS
+                                                                 and "[" not in p)]
+    return ".".join(parts) or None
+
+
 def _stop(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -165,11 +232,14 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
     remembered: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def refuse(request: Request, status: int, message: str, kind: str, reason: str,
-               param: str | None = None) -> JSONResponse:
-        metrics.inc("refusals_total", reason=reason)
+               param: str | None = None, headers: Mapping[str, str] | None = None,
+               counted: bool = False) -> JSONResponse:
+        """Log and answer a refusal; ``counted``: the engine already counted it."""
+        if not counted:
+            metrics.inc("refusals_total", reason=reason)
         log.warning("refused %s %s (%d %s): %s", request.method, request.url.path, status,
                     reason, message)
-        return _error(status, message, kind, param)
+        return _error(status, message, kind, param, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -181,11 +251,11 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
             if err.get("type") == "model_attributes_type":
                 problems.append("body must be a JSON object")
                 continue
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
-        param = ".".join(str(p) for p in first if p != "body") or None
-        return refuse(request, 400, "invalid request: " + "; ".join(problems),
+            problems.append(f"{_where(err.get('loc', ())) or 'body'}: "
+                            f"{err.get('msg', 'invalid')}")
+        first = exc.errors()[0] if exc.errors() else {}
+        param = None if first.get("type") == "json_invalid" else _where(first.get("loc", ()))
+        return refuse(request, 400, "invalid request: " + "; ".join(dict.fromkeys(problems)),
                       "invalid_request_error", "invalid_request", param)
 
     @app.exception_handler(HTTPException)
@@ -197,10 +267,17 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
     async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
         return refuse(request, 400, str(exc), "invalid_request_error", "limit_or_option")
 
+    @app.exception_handler(LimitExceeded)
+    async def over_limit(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return refuse(request, 422, str(exc), "invalid_request_error", f"limit_{exc.param}",
+                      exc.param)
+
     @app.exception_handler(Busy)
     async def busy(request: Request, exc: Busy) -> JSONResponse:
-        status = 503 if exc.queued else 429
-        return refuse(request, status, str(exc), "server_busy", "busy")
+        if exc.queued:
+            return refuse(request, 503, str(exc), "server_busy", "timeout", counted=True)
+        return refuse(request, 429, str(exc), "server_busy", "busy", counted=True,
+                      headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def prepare(params: _Params, prompt: str | list[dict[str, str]],
                 max_tokens: int | None) -> Generation:
@@ -246,13 +323,16 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
                         body = {"error": {"message": str(err), "type": "server_error"}}
                         yield f"data: {json.dumps(body)}\n\n"
                         return
+                    fingerprint = f"adapter-v{chunk.adapter_version}"
                     if chunk.text or first:
                         text.append(chunk.text)
-                        yield f"data: {json.dumps(shape(chunk.text, None, first))}\n\n"
+                        piece = shape(chunk.text, None, first)
+                        piece["system_fingerprint"] = fingerprint
+                        yield f"data: {json.dumps(piece)}\n\n"
                         first = False
                     if chunk.done:
                         last = shape("", chunk.finish_reason, False)
-                        last["system_fingerprint"] = f"adapter-v{chunk.adapter_version}"
+                        last["system_fingerprint"] = fingerprint
                         if include_usage:
                             last["usage"] = usage(gen, chunk)
                         yield f"data: {json.dumps(last)}\n\n"

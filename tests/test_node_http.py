@@ -90,6 +90,7 @@ def test_stream_matches_non_stream(client: TestClient) -> None:
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["usage"]["completion_tokens"] > 0
+    assert {c["system_fingerprint"] for c in chunks} == {"adapter-v0"}  # on every chunk
 
 
 def test_chat_stream_deltas(client: TestClient) -> None:
@@ -118,9 +119,7 @@ def test_stop_string_cuts_the_answer(client: TestClient) -> None:
 
 @pytest.mark.parametrize("body, fragment", [
     ({"prompt": ""}, "prompt must not be empty"),
-    ({"prompt": "x", "max_tokens": 1000}, "max_tokens must be between 1 and 64"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "steps": 100_000}, "steps must be between"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate: Extra inputs are not permitted"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "repetition_penalty": 0.5}, "repetition_penalty"),
@@ -136,6 +135,22 @@ def test_bad_completion_requests_are_400(client: TestClient, body: dict, fragmen
     error = r.json()["error"]
     assert fragment in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ({"prompt": "x", "max_tokens": 1000}, 422, "max_tokens", "max_tokens must be between 1 and 64"),
+    ({"prompt": "x", "steps": 100_000}, 422, "steps", "steps must be between"),
+    ({"prompt": "x", "max_tokens": 64, "block_length": 600}, 422, "max_tokens", "context"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed", "less than or equal"),
+    ({"prompt": "\ud800"}, 400, "prompt", "surrogate"),
+])
+def test_limits_are_422_and_bad_values_400(client: TestClient, body: dict, status: int,
+                                           param: str, fragment: str) -> None:
+    r = client.post("/v1/completions", content=json.dumps(body),  # \ud800 stays escaped
+                    headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["param"] == param
 
 
 def test_bad_chat_requests_are_400(client: TestClient) -> None:
@@ -156,13 +171,23 @@ def test_malformed_bodies(client: TestClient) -> None:
     assert r.status_code == 413 and "exceeds 4096 bytes" in r.json()["error"]["message"]
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    r = client.post("/v1/completions", content=b'{"prompt": "x"}',
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = client.post("/v1/completions", content=b"{}", headers={
+        "content-type": "application/json", "content-length": "999999"})
+    assert r.status_code == 413
 
 
 def test_prompt_token_limit(runtime: Runtime, tmp_path: Path) -> None:
     client, _ = make_client(runtime, tmp_path, max_prompt_tokens=8)
     r = client.post("/v1/completions", json={"prompt": "one two three four five six seven "
                                                         "eight nine ten eleven"})
-    assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "at most 8" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
 
 
 def test_concurrency_limit_answers_429(runtime: Runtime, tmp_path: Path) -> None:
@@ -176,6 +201,7 @@ def test_concurrency_limit_answers_429(runtime: Runtime, tmp_path: Path) -> None
             threading.Event().wait(0.01)
         r = client.post("/v1/completions", json={"prompt": "b"})
         assert r.status_code == 429 and "busy" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
     worker.join(timeout=60)
     assert first["code"] == 200
 
