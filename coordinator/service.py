@@ -67,7 +67,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def SubmitDelta(
         self, request: pb.SubmitDeltaRequest, context: grpc.ServicerContext
     ) -> pb.SubmitDeltaReceipt:
-        """Verify and store one encoded, signed LoRADelta for the open round."""
+        """Verify and store one encoded, signed LoRADelta for the open round.
+
+        A state folder that cannot be written (full, read-only) answers UNAVAILABLE with
+        the store's reason; nothing is half-stored (coordinator.store).
+        """
+        try:
+            return self._submit(request, context)
+        except StoreError as exc:
+            logger.error("cannot take an upload: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"coordinator cannot store: {exc}")
+            raise  # abort raises; this line only tells type checkers so
+
+    def _submit(
+        self, request: pb.SubmitDeltaRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitDeltaReceipt:
         body = bytes(request.delta)
         digest, size = hashlib.sha256(body).digest(), len(body)
         try:

@@ -18,6 +18,10 @@ A version file is written to a temporary name, fsynced, renamed, and the directo
 before its row is inserted, so a row never points at a partial file; a file without a row
 (crash in between) is ignored. Loading a version rebuilds the `MergedAdapter` and checks its
 sha256, so a damaged file is reported, never served.
+
+A state folder that cannot be written (read-only, full, file size limit) raises `StoreError`
+naming the folder and the system's reason; the failed write leaves no temporary file and no
+partial transaction, so the state stays as it was (tests/test_faults.py).
 """
 
 import json
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from federation import BankLayout, DecodedDelta, adapter_digest
@@ -239,17 +244,31 @@ class Store:
 
     def __init__(self, state_dir: str | Path) -> None:
         self.root = Path(state_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / ADAPTERS_DIR).mkdir(exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / ADAPTERS_DIR).mkdir(exist_ok=True)
+            self._db = sqlite3.connect(
+                self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state folder {self.root}: {exc}") from exc
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{self.root / DB_NAME}: SQLite cannot use WAL here "
+                                 f"(journal mode {mode}); use a local file system")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot use the state folder {self.root} "
+                             f"(is it writable?): {exc}") from exc
+        except StoreError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         """Close the database connection."""
@@ -258,14 +277,23 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One `BEGIN IMMEDIATE` transaction, rolled back on any error (COMMIT included).
+
+        SQLite's operational errors (disk full, read-only, locked) become StoreError;
+        IntegrityError passes through for callers that test uniqueness.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"cannot write {self.root / DB_NAME}: {exc}") from exc
 
     def _read(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
         with self._lock:
@@ -336,17 +364,24 @@ class Store:
         name = f"v{adapter.version:08d}-{adapter.sha256.hex()[:12]}.safetensors"
         folder = self.root / ADAPTERS_DIR
         metadata = {"version": str(adapter.version), "sha256": adapter.sha256.hex()}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        except OSError as exc:
+            raise StoreError(f"cannot write adapter version {adapter.version} in {folder}: "
+                             f"{exc}") from exc
         os.close(fd)
         try:
             save_file(_adapter_tensors(adapter), tmp, metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, folder / name)
-        except BaseException:
+            _fsync_dir(folder)
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError | SafetensorError):
+                raise StoreError(f"cannot write adapter version {adapter.version} in "
+                                 f"{folder}: {exc}") from exc
             raise
-        _fsync_dir(folder)
         with self._write() as db:
             db.execute(
                 "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -397,7 +432,7 @@ class Store:
         path = self.root / ADAPTERS_DIR / row.file
         try:
             tensors = load_file(str(path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise StoreError(f"adapter file {path} cannot be read: {exc}") from None
         adapter = pb.MergedAdapter(
             version=row.version,
