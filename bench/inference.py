@@ -6,15 +6,21 @@ Latency is end to end (prompt in, every answer position decided), timed with
 are compared (reference vs fast path) run interleaved, one call of each per
 iteration, so drift on a shared machine hits both alike.
 
-With ``--device cuda`` the LLaDA-8B shape (random weights, bfloat16) is timed
-too: the seed's GPU targets are for a model of that size.
+With ``--device cuda`` the LLaDA-8B shape (random weights, bfloat16 and int4)
+is checked and timed too by :mod:`bench.gpu`, reference against the GPU fast
+path: the seed's GPU targets are for a model of that size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +32,7 @@ from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 from ruvdllm.runtime import load
 from ruvdllm.sampler import Sampler, SamplerConfig
+from ruvdllm.tokenizer import Tokenizer
 
 LLADA_8B = ModelConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32,
                        mlp_hidden_size=12288, vocab_size=126464, embedding_size=126464,
@@ -59,8 +66,8 @@ def llada8b(dtype: torch.dtype) -> DiffusionLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
-            model = DiffusionLM(LLADA_8B)
+        with torch.device("cuda"):  # a copy: quantize_model records its scheme in the config
+            model = DiffusionLM(dataclasses.replace(LLADA_8B))
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -70,6 +77,25 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[l
     """Token prompts for models with random weights, where content carries no meaning."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab - 512, (batch, length), generator=gen).tolist()
+
+
+PROMPTS_ENV = "RUVDLLM_BENCH_PROMPTS"
+
+
+def bench_prompts(tokenizer: Tokenizer, n: int, length: int) -> list[list[int]]:
+    """``n`` held-out test prompts of ``length`` tokens (:func:`bench.quality.heldout_prompts`).
+
+    Where the corpora are not installed (the GPU machine's image), the file named
+    by ``$RUVDLLM_BENCH_PROMPTS`` is read instead: JSON ``{length: [[ids]...]}``
+    written where they are by ``python -m bench.inference FILE``.
+    """
+    saved = os.environ.get(PROMPTS_ENV)
+    if saved:
+        table = json.loads(Path(saved).read_text())
+        if str(length) not in table or len(table[str(length)]) < n:
+            raise ValueError(f"{saved} holds no {n} prompts of {length} tokens")
+        return [list(p) for p in table[str(length)][:n]]
+    return [p for p, _ in heldout_prompts(tokenizer, n, length, 0)]
 
 
 def latency_rows(ctx: BenchContext, prefix: str, seconds: list[float], batch: int,
@@ -89,7 +115,7 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     sampler = Sampler(rt.model)
     P, G = params["prompt_length"], params["output_length"]
     batches: list[int] = params["batch_sizes"]
-    prompts = [p for p, _ in heldout_prompts(rt.tokenizer, max(batches), P, 0)]
+    prompts = bench_prompts(rt.tokenizer, max(batches), P)
     cfg = SamplerConfig(steps=params["steps"], gen_length=G,
                         block_length=params["block_length"], cache=params["cache"])
     rows: list[Row] = []
@@ -120,20 +146,19 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
 
 
 def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
-    names = [f"llada8b_{m}_b{B}" for B in params["batch_sizes"]
-             for m in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "tokens_per_s")]
-    if ctx.device != "cuda":
-        return [Row("inference", n, float("nan"), "", note="not measured on cpu (LLaDA-8B "
-                    "shape runs with --device cuda)") for n in names]
-    model = llada8b(getattr(torch, params["llada8b_dtype"]))
-    sampler = Sampler(model)
-    G = params["llada8b_output_length"]
-    cfg = SamplerConfig(steps=params["llada8b_steps"], gen_length=G, block_length=G,
-                        cache=params["cache"])
-    rows: list[Row] = []
-    for B in params["batch_sizes"]:
-        prompts = random_prompts(B, params["llada8b_prompt_length"], LLADA_8B.vocab_size)
-        t = measure({"gen": partial(sampler.generate, prompts, cfg)},
-                    params["llada8b_iterations"], 2, ctx.device, f"LLaDA-8B B={B}")
-        rows += latency_rows(ctx, "llada8b_", t["gen"], B, G)
-    return rows
+    if ctx.device == "cuda":
+        from bench.gpu import llada8b_rows  # imports this module
+
+        return llada8b_rows(params, ctx)
+    names = ["llada8b_reference_p50_ms_b1", "llada8b_latency_p50_ms_b1",
+             "llada8b_tokens_per_s_b8", "llada8b_w4_latency_p50_ms_b1",
+             "llada8b_w4_tokens_per_s_b8", "llada8b_w4_speedup_b1",
+             f"llada8b_w4_p50_ms_{params['long_steps']}steps"]
+    return [Row("inference", n, float("nan"), "", note="not measured on cpu (LLaDA-8B "
+                "shape runs with --device cuda)") for n in names]
+
+
+if __name__ == "__main__":  # save held-out prompts for a machine without the corpora
+    tok = load("default", device="cpu").tokenizer
+    Path(sys.argv[1]).write_text(json.dumps({n: [p for p, _ in heldout_prompts(tok, 8, n, 0)]
+                                             for n in (64, 128)}))

@@ -16,6 +16,7 @@ attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,25 @@ class KVCache:
             positions=self.positions.index_select(1, index),
             valid=self.valid.index_select(1, index),
         )
+
+
+@dataclass
+class StaticKV:
+    """Fixed per-layer key/value buffers ``(B, Hkv, L, hd)`` for shape-stable decoding.
+
+    Unlike :class:`KVCache` they never grow or shrink: a forward writes the
+    keys/values of the slots it encodes in place (:meth:`DiffusionLM.forward_into`).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: torch.dtype,
+              device: torch.device) -> StaticKV:
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)  # (B, Hkv, L, hd)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)])
 
 
 @dataclass
@@ -106,6 +126,27 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``(B, H, T, hd)`` and keys/values ``(B, Hkv, T, hd)``, RoPE applied."""
+        B, T, _ = x.shape
+        hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(h).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(h).view(B, T, Hkv, hd).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend_and_mlp(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                        attn_mask: Tensor | None) -> Tensor:
+        """Attention of ``q`` over ``k``/``v``, output projection, then the SwiGLU MLP."""
+        B, T, _ = x.shape
+        H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
+        att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
+        x = x + self.dropout(self.attn_out(att))
+        h = self.ff_norm(x)
+        return x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+
     def forward(
         self,
         x: Tensor,
@@ -114,22 +155,25 @@ class Block(nn.Module):
         attn_mask: Tensor,
         past: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        B, T, _ = x.shape
-        hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(h).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(h).view(B, T, Hkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, Hkv, S+T, hd)
             v = torch.cat([past[1], v], dim=2)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
-        att = att.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d)
-        x = x + self.dropout(self.attn_out(att))
-        h = self.ff_norm(x)
-        x = x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
-        return x, (k, v)
+        return self._attend_and_mlp(x, q, k, v, attn_mask), (k, v)
+
+    def forward_into(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
+                     keys: Tensor, values: Tensor, index: Tensor) -> Tensor:
+        """Encode ``x`` ``(B, T, d)`` at sequence slots ``index`` ``(T,)`` of a fixed buffer.
+
+        The new keys/values are written into ``keys``/``values`` ``(B, Hkv, L, hd)``
+        at ``index`` (replacing what those slots held), then the queries attend
+        to all ``L`` slots. Shapes never change, so the call can be captured in
+        a CUDA graph; bidirectional attention does not care about slot order.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        keys.index_copy_(2, index, k)
+        values.index_copy_(2, index, v)
+        return self._attend_and_mlp(x, q, keys, values, attn_mask)
 
 
 class Transformer(nn.Module):
@@ -239,3 +283,31 @@ class DiffusionLM(nn.Module):
             new_cache = KVCache(keys, values, key_pos, key_valid)
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None,
                            cache=new_cache)
+
+    def forward_into(self, input_ids: Tensor, positions: Tensor, index: Tensor,
+                     buffers: StaticKV, attn_mask: Tensor | None, logits_rows: Tensor) -> Tensor:
+        """Logits ``(B, R, V)`` of rows ``logits_rows`` ``(R,)`` of ``input_ids`` ``(B, T)``.
+
+        The shape-stable forward of the GPU fast path (:mod:`ruvdllm.fast_sampler`):
+        the tokens sit at slots ``index`` ``(T,)`` of the sequence held by
+        ``buffers``; their keys/values overwrite those slots and every query
+        attends to all slots where ``attn_mask`` ``(B, 1, 1, L)`` (None: all) is
+        True. A whole-sequence forward (``index`` = all slots) equals
+        :meth:`forward`; a block forward over fresh buffers is Fast-dLLM's dual
+        cache. Index tensors, not Python slices, select rows, so one captured
+        graph serves every block.
+        """
+        cfg = self.config
+        if cfg.causal:
+            raise ValueError("forward_into serves bidirectional (diffusion) models only")
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        tr = self.transformer
+        x = tr.wte(input_ids)
+        blocks = cast(list[Block], list(tr.blocks))
+        for block, keys, values in zip(blocks, buffers.keys, buffers.values, strict=True):
+            x = block.forward_into(x, cos, sin, attn_mask, keys, values, index)
+        if cfg.logits_shift:  # Dream: the output at i - 1 predicts token i
+            logits_rows = (logits_rows - 1).clamp(min=0)
+        h = tr.ln_f(x.index_select(1, logits_rows))  # (B, R, d)
+        logits = h @ tr.wte.weight.t() if cfg.weight_tying else tr.ff_out(h)
+        return logits

@@ -23,7 +23,9 @@ State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 
 The group size is implied by the shapes and recorded in ``config.json``.
 
-Kernels (figures in docs/decisions.md): on CPU, torch's packed kernels
+Kernels (figures in docs/decisions.md): on CUDA with 16-bit activations, the
+Triton kernels of :mod:`ruvdllm.kernels.weight_only` read these layouts directly
+and dequantize in registers. On CPU, torch's packed kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 14-60x slower
 than dequantize-then-matmul with float32 activations, but 2.4-3.7x faster with
 bfloat16 activations. So bfloat16 inputs on CPU use them; everything else
@@ -126,6 +128,15 @@ def _use_cpu_kernel(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
 
 
+def _use_gpu_kernel(x: Tensor) -> bool:
+    """The Triton kernels of :mod:`ruvdllm.kernels.weight_only` serve 16-bit CUDA inputs.
+
+    float32 inputs (the correctness reference) and inputs that need a gradient
+    take the dequantize path.
+    """
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not x.requires_grad
+
+
 class QuantizedLinear(nn.Module):
     """Common part of the quantized linears: buffers, optional float bias, repr.
 
@@ -174,6 +185,11 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.weight, self.scales, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _use_gpu_kernel(x):
+            from ruvdllm.kernels.weight_only import int8_matmul  # Triton: CUDA only
+
+            y = int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
         scales = self.scales.to(x.dtype)
         if _use_cpu_kernel(x):
             x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in): 2-D only
@@ -242,7 +258,12 @@ class Int4Linear(QuantizedLinear):
         return self._kernel[1], self._kernel[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_cpu_kernel(x) and self.out_features % 16 == 0:  # the kernel's constraint
+        if _use_gpu_kernel(x):
+            from ruvdllm.kernels.weight_only import int4_matmul  # Triton: CUDA only
+
+            y = int4_matmul(x.reshape(-1, self.in_features), self.weight, self.scales)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif _use_cpu_kernel(x) and self.out_features % 16 == 0:  # the kernel's constraint
             packed, table = self._cpu_kernel_weight(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).contiguous(), packed, self.group_size, table)

@@ -1,0 +1,207 @@
+"""The LLaDA-8B shape on CUDA: check, then time the fast path against the reference.
+
+Called by the ``inference`` and ``memory`` sections under ``--device cuda``
+(``ruvdllm-bench --device cuda --only inference,memory``). One run:
+
+1. kernels: every weight-only product of the 8B shape at the token counts of a
+   step (``M``), Triton int4/int8 against bfloat16 cuBLAS and against
+   dequantize-then-cuBLAS, each checked against a float32 product of the
+   dequantized weight first (relative error rows);
+2. agreement: tokens of the fast path against the reference sampler, on the
+   default (trained) model in float32 and on the 8B shape in bfloat16;
+3. latency: the naive reference (``Sampler``, no cache, a full forward every
+   step) and the fast path (``FastSampler``: caches, threshold, CUDA graphs) on
+   the 8B shape with random weights, bfloat16 then int4 (W4), interleaved
+   rounds, medians.
+
+Random weights carry no meaning, so a confidence threshold rarely fires on
+them: the 64-step figure is an upper bound of what a trained model needs.
+Kernel times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed
+before each call, median).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import BenchContext, Row, percentile
+from bench.inference import LLADA_8B, bench_prompts, latency_rows, llada8b, measure, random_prompts
+from ruvdllm.fast_sampler import FastSampler
+from ruvdllm.model import DiffusionLM
+from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model
+from ruvdllm.runtime import load
+from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig
+
+# (out, in) of every linear of the 8B shape: q/k/v/attn_out, ff_proj/up_proj,
+# ff_out (MLP down), the LM head.
+SHAPES = ((4096, 4096), (12288, 4096), (4096, 12288), (126464, 4096))
+
+
+def _median_us(fn: Callable[[], object]) -> float:
+    import triton.testing  # CUDA only
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")) * 1e3
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def _dequantized_linear(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    """The alternative to a fused kernel: dequantize to x's dtype, then cuBLAS."""
+    return F.linear(x, q.dequantize(x.dtype))
+
+
+def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
+    """Time (µs) and error of each weight-only product candidate, per shape and M."""
+    rows: list[Row] = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in SHAPES:
+        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
+        q4, q8 = Int4Linear.from_linear(lin, 32), Int8Linear.from_linear(lin)
+        w4, w8 = q4.dequantize(torch.float32), q8.dequantize(torch.float32)
+        for M in tokens:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            label = f"N={N},K={K},M={M}"
+            if M in (tokens[0], tokens[-1]):
+                for name, mod, w in (("int4", q4, w4), ("int8", q8, w8)):
+                    ref = x.float() @ w.t()
+                    rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
+                                        _rel_err(mod(x), ref), "",
+                                        note="Triton vs float32 product of the dequantized "
+                                             "weight"))
+            candidates: dict[str, Callable[[], object]] = {
+                "bf16": partial(F.linear, x, lin.weight),
+                "int4": partial(q4, x),
+                "int4_dequant": partial(_dequantized_linear, x, q4),
+                "int8": partial(q8, x),
+            }
+            for name, fn in candidates.items():
+                rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}",
+                                    _median_us(fn), "us"))
+        del lin, q4, q8, w4, w8
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _agreement(a: list[list[int]], b: list[list[int]], length: int) -> float:
+    """Percent of answer positions (padded to ``length``) holding the same token."""
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        x, y = x + [-1] * (length - len(x)), y + [-1] * (length - len(y))
+        same += sum(i == j for i, j in zip(x, y, strict=True))
+        total += length
+    return 100.0 * same / total
+
+
+def agreement_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
+    """Fast path vs reference tokens on the default model (float32, CUDA)."""
+    rt = load("default", device="cuda")
+    prompts = bench_prompts(rt.tokenizer, 8, 64)
+    G, steps = params["agreement_output_length"], params["agreement_steps"]
+    ref = Sampler(rt.model).generate(prompts, SamplerConfig(steps=steps, gen_length=G,
+                                                            block_length=32))
+    fast = FastSampler(rt.model)
+    rows = []
+    variants: list[tuple[CacheMode, float | None]] = [
+        ("none", None), ("prefix", None), ("dual", None), ("dual", params["threshold"])]
+    for cache, threshold in variants:
+        cfg = SamplerConfig(steps=steps, gen_length=G, block_length=32, cache=cache,
+                            threshold=threshold)
+        got = fast.generate(prompts, cfg)
+        rows.append(ctx.row("inference", f"agreement_pct{{default,cache={cache},"
+                                          f"threshold={threshold}}}", _agreement(got, ref, G),
+                            "%", note=f"fast path vs reference (no cache, fixed {steps} steps), "
+                                      f"8 held-out prompts, {G} tokens, float32; "
+                                      f"{fast.forwards} steps run in the last batch"))
+    del rt, fast
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _time(fns: dict[str, Callable[[], object]], iterations: int) -> dict[str, float]:
+    """Median ms of each function (interleaved rounds, two untimed: capture, autotune)."""
+    t = measure(fns, iterations, 2, "cuda")
+    return {name: percentile(s, 50) * 1e3 for name, s in t.items()}
+
+
+def _latency(ctx: BenchContext, prefix: str, fn: Callable[[], object], iterations: int,
+             batch: int, tokens: int) -> list[Row]:
+    t = measure({"gen": fn}, iterations, 2, "cuda")
+    return latency_rows(ctx, prefix, t["gen"], batch, tokens)
+
+
+def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
+    """Every LLaDA-8B-shape inference row of the issue's goals (see module doc)."""
+    rows = kernel_rows(ctx, params["kernel_tokens"])
+    rows += agreement_rows(ctx, params)
+    P, G = params["llada8b_prompt_length"], params["llada8b_output_length"]
+    steps, its = params["llada8b_steps"], params["llada8b_iterations"]
+    model = llada8b(getattr(torch, params["llada8b_dtype"]))
+    one = random_prompts(1, P, LLADA_8B.vocab_size)
+    batch = random_prompts(8, P, LLADA_8B.vocab_size)
+    naive = SamplerConfig(steps=steps, gen_length=G, block_length=params["naive_block_length"])
+    ref_sampler, fast = Sampler(model), FastSampler(model)
+
+    # Agreement on the 8B shape: the same fixed-step schedule without cache.
+    ref_tokens = ref_sampler.generate(one, naive)
+    rows.append(ctx.row("inference", "llada8b_agreement_pct{cache=none}",
+                        _agreement(fast.generate(one, naive), ref_tokens, G), "%",
+                        note="bfloat16, random weights, fast path vs reference, same schedule"))
+    ref_ms = _time({"ref": partial(ref_sampler.generate, one, naive)}, its)["ref"]
+    rows.append(ctx.row("inference", "llada8b_reference_p50_ms_b1", ref_ms, "ms",
+                        note=f"naive: Sampler, no cache, block {params['naive_block_length']}, "
+                             f"{steps} steps, bfloat16, eager"))
+    for quant in ("bf16", "w4"):
+        if quant == "w4":
+            quantize_model(model, "int4")
+            torch.cuda.empty_cache()
+            fast = FastSampler(model)
+        tag = "" if quant == "bf16" else "w4_"
+        # 8 steps at batch 1 for each block length; the fastest is the headline.
+        per_block: dict[int, float] = {}
+        for block in params["llada8b_block_lengths"]:
+            cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache="dual")
+            per_block[block] = _time({"fast": partial(fast.generate, one, cfg)},
+                                     its)["fast"]
+            rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms{{B=1,block={block}}}",
+                                per_block[block], "ms", note="dual cache, CUDA graphs"))
+        block = min(per_block, key=lambda b: per_block[b])
+        cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache="dual")
+        for B, prompts in ((1, one), (8, batch)):
+            rows += _latency(ctx, f"llada8b_{tag}", partial(fast.generate, prompts, cfg), its,
+                             B, G)
+            for r in rows[-4:]:
+                r.note = f"fast path, dual cache, block {block}, {steps} steps, CUDA graphs"
+        p50 = next(r.value for r in rows if r.name == f"llada8b_{tag}latency_p50_ms_b1")
+        rows.append(ctx.row("inference", f"llada8b_{tag}speedup_b1", ref_ms / p50, "x",
+                            note="naive reference p50 / fast p50 (B=1, 8 steps), same run"))
+        long = SamplerConfig(steps=params["long_steps"], gen_length=G,
+                             block_length=params["long_block_length"], cache="dual",
+                             threshold=params["threshold"])
+        ms = _time({"fast": partial(fast.generate, one, long)}, its)
+        rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms_{params['long_steps']}steps",
+                            ms["fast"], "ms",
+                            note=f"B=1, dual cache, threshold {params['threshold']}, block "
+                                 f"{params['long_block_length']}; {fast.forwards} steps run "
+                                 "(random weights: the threshold rarely fires)"))
+    del model, fast, ref_sampler
+    torch.cuda.empty_cache()
+    return rows
+
+
+def llada8b_w4_peak(model: DiffusionLM, prompt_length: int, output_length: int,
+                    steps: int, block_length: int) -> int:
+    """Peak bytes allocated while the fast path generates once with ``model`` (weights in)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    prompts = random_prompts(1, prompt_length, model.config.vocab_size)
+    FastSampler(model).generate(prompts, SamplerConfig(steps=steps, gen_length=output_length,
+                                                       block_length=block_length, cache="dual"))
+    return int(torch.cuda.max_memory_allocated())

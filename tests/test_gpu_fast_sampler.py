@@ -1,0 +1,123 @@
+"""The GPU fast path: FastSampler against the reference Sampler, and the Triton kernels.
+
+The sampler's logic is device-independent and runs on CPU here (graph-free);
+the CUDA-only parts (graph capture, Triton weight-only kernels) are skipped
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ruvdllm.config import ModelConfig
+from ruvdllm.fast_sampler import FastSampler
+from ruvdllm.model import DiffusionLM, StaticKV
+from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model
+from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError
+
+MASK, EOS = 3, 2
+PROMPTS = [[1, 50, 60, 70, 80], [1, 9, 8], [1, 100, 101, 102, 103, 104, 105, 106], [1, 42]]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(device: str = "cpu", seed: int = 0) -> DiffusionLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128,
+                      vocab_size=512, embedding_size=512, mask_token_id=MASK, eos_token_id=EOS,
+                      max_sequence_length=256)
+    m = DiffusionLM(cfg).eval()
+    with torch.no_grad():  # sharpen the random model so confidences spread out
+        m.transformer.ff_out.weight.mul_(8)
+    return m.to(device)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionLM:
+    return tiny_model()
+
+
+OPTIONS = [{}, {"cache": "prefix"}, {"cache": "dual"}, {"threshold": 0.3},
+           {"threshold": 0.3, "cache": "dual"}, {"early_stop": True},
+           {"threshold": 0.3, "cache": "prefix", "early_stop": True}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_fast_path_emits_the_reference_tokens_on_cpu(model, options):
+    fast = FastSampler(model)
+    for steps, gen, block in ((16, 32, 8), (12, 24, 24)):
+        cfg = SamplerConfig(steps=steps, gen_length=gen, block_length=block, **options)
+        for prompts in (PROMPTS[:1], PROMPTS):  # alone, and a left-padded batch
+            assert fast.generate(prompts, cfg) == Sampler(model).generate(prompts, cfg)
+
+
+def test_threshold_skips_steps(model):
+    fast = FastSampler(model)
+    fixed = SamplerConfig(steps=32, gen_length=32, block_length=8)
+    fast.generate(PROMPTS[:1], fixed)
+    assert fast.forwards == 32
+    fast.generate(PROMPTS[:1], SamplerConfig(steps=32, gen_length=32, block_length=8,
+                                             threshold=0.05))
+    assert fast.forwards < 32
+
+
+def test_forward_into_whole_sequence_equals_forward(model):
+    ids = torch.tensor([PROMPTS[2] + [MASK] * 8])
+    L = ids.shape[1]
+    buffers = StaticKV.empty(model.config, 1, L, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model.forward_into(ids, torch.arange(L)[None], torch.arange(L), buffers, None,
+                                 torch.arange(L))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"temperature": 0.5}, "greedy"), ({"repetition_penalty": 1.2}, "repetition"),
+    ({"remasking": "random"}, "low confidence")])
+def test_reference_only_options_refused(model, options, message):
+    with pytest.raises(SamplerError, match=message):
+        FastSampler(model).generate(PROMPTS[:1], SamplerConfig(steps=8, gen_length=8,
+                                                               block_length=8, **options))
+
+
+def test_graphs_refused_off_cuda(model):
+    with pytest.raises(SamplerError, match="CUDA"):
+        FastSampler(model, graphs=True)
+
+
+@cuda
+@pytest.mark.parametrize("options", OPTIONS)
+def test_cuda_graphs_emit_the_reference_tokens(options):
+    model = tiny_model("cuda")
+    fast = FastSampler(model)
+    cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, **options)
+    for _ in range(2):  # the second call replays the captured graphs
+        assert fast.generate(PROMPTS, cfg) == Sampler(model).generate(PROMPTS, cfg)
+
+
+@cuda
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("M,N,K", [(32, 256, 128), (7, 96, 64), (300, 512, 384)])
+def test_weight_only_kernels_match_dequantized_product(scheme, M, N, K):
+    torch.manual_seed(M + N)  # fresh random inputs per shape
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda")
+    q = Int4Linear.from_linear(lin, 32) if scheme == "int4" else Int8Linear.from_linear(lin)
+    x = torch.randn(2, M, K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ q.dequantize(torch.float64).t()  # (2, M, N)
+    y = q(x)
+    assert y.shape == (2, M, N) and y.dtype == torch.bfloat16
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2
+
+
+@cuda
+def test_quantized_fast_path_close_to_float():
+    model = tiny_model("cuda").to(torch.bfloat16)
+    cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, cache="dual")
+    float_answer = FastSampler(model).generate(PROMPTS, cfg)
+    quantize_model(model, "int8")
+    int8_answer = FastSampler(model).generate(PROMPTS, cfg)
+    same = sum(a == b for x, y in zip(float_answer, int8_answer, strict=True)
+               for a, b in zip(x, y, strict=False))
+    assert same >= 0.8 * sum(len(x) for x in float_answer)
