@@ -340,29 +340,35 @@ class TALoRA:
         q = np.asarray(query, dtype=np.float32)
         if q.shape != (self.dim,):
             raise ValueError(f"query must have shape ({self.dim},), got {q.shape}")
-        norm2 = float(q @ q)  # one pass refuses NaN, inf and zero alike
+        norm2 = float(q.dot(q))  # one pass refuses NaN, inf and zero alike
         if not 0.0 < norm2 < math.inf:
             raise ValueError("query must be finite and non-zero")
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")
         self._retrievals += 1
         out: list[tuple[int, float]] = []
+        inv_temp = 1.0 / self.temperature
+        banks_hit = 0
         for bank, weight in bank_weights(t).items():
             live = self._banks[bank].live
             if weight == 0.0 or not live:
                 continue
             labels, dists = self._knn(self._banks[bank].index, q, min(top_k, len(live)))
-            sims = [(1.0 - d) / self.temperature for d in dists]  # cosine distance = 1 - cos
-            top = max(sims)
-            exps = [math.exp(s - top) for s in sims]
-            total = sum(exps)
+            if not labels:
+                continue
+            # softmax over cosine / temperature; cosine distance = 1 - cos, and hnswlib
+            # returns distances ascending, so the first is the max-subtraction anchor
+            exps = [math.exp((dists[0] - d) * inv_temp) for d in dists]
+            scale = weight / sum(exps)
+            banks_hit += 1
             self._clock += 1
             for label, e in zip(labels, exps, strict=True):
                 pattern = self._patterns[label]
                 pattern.uses += 1
                 pattern.last_used = self._clock
-                out.append((label, weight * e / total))
-        out.sort(key=lambda item: -item[1])
+                out.append((label, e * scale))
+        if banks_hit > 1:  # near a boundary two banks answer: merge their lists by weight
+            out.sort(key=lambda item: -item[1])
         return out
 
     @staticmethod
