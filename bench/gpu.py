@@ -59,6 +59,8 @@ def _dequantized_linear(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
 
 def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
     """Time (µs) and error of each weight-only product candidate, per shape and M."""
+    from ruvdllm.kernels.weight_only import int4_matmul, int8_matmul  # Triton: CUDA only
+
     rows: list[Row] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for N, K in SHAPES:
@@ -70,17 +72,17 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             label = f"N={N},K={K},M={M}"
             if M in (tokens[0], tokens[-1]):
-                for name, mod, w in (("int4", q4, w4), ("int8", q8, w8)):
-                    ref = x.float() @ w.t()
+                for name, y, w in (("int4", int4_matmul(x, q4.weight, q4.scales), w4),
+                                   ("int8", int8_matmul(x, q8.weight, q8.scales), w8)):
                     rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
-                                        _rel_err(mod(x), ref), "",
+                                        _rel_err(y, x.float() @ w.t()), "",
                                         note="Triton vs float32 product of the dequantized "
                                              "weight"))
             candidates: dict[str, Callable[[], object]] = {
                 "bf16": partial(F.linear, x, lin.weight),
-                "int4": partial(q4, x),
+                "int4": partial(int4_matmul, x, q4.weight, q4.scales),
                 "int4_dequant": partial(_dequantized_linear, x, q4),
-                "int8": partial(q8, x),
+                "int8": partial(int8_matmul, x, q8.weight, q8.scales),
             }
             for name, fn in candidates.items():
                 rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}",

@@ -128,6 +128,12 @@ def _use_cpu_kernel(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
 
 
+# From this many tokens on, dequantizing the int4 weight and calling cuBLAS beats the
+# fused kernel on the H100 (every LLaDA-8B shape, bench/results/h100.json); below
+# it, the product is bound by weight bytes and the fused kernel reads 4x fewer.
+GPU_DEQUANT_MIN_TOKENS = 1024
+
+
 def _use_gpu_kernel(x: Tensor) -> bool:
     """The Triton kernels of :mod:`ruvdllm.kernels.weight_only` serve 16-bit CUDA inputs.
 
@@ -258,7 +264,8 @@ class Int4Linear(QuantizedLinear):
         return self._kernel[1], self._kernel[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_gpu_kernel(x):
+        tokens = x.numel() // self.in_features
+        if _use_gpu_kernel(x) and tokens < GPU_DEQUANT_MIN_TOKENS:
             from ruvdllm.kernels.weight_only import int4_matmul  # Triton: CUDA only
 
             y = int4_matmul(x.reshape(-1, self.in_features), self.weight, self.scales)
