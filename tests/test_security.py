@@ -210,7 +210,8 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
-def _tree(roots: list[int]) -> list[int]:
+def process_tree(roots: list[int]) -> list[int]:
+    """The PIDs of `roots` and of all their descendants now alive."""
     children, seen, todo = _children(), [], list(roots)
     while todo:
         pid = todo.pop()
@@ -250,7 +251,7 @@ def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path) -> None:
         roots = [deployment.superlink_pid, supernode.process.pid]
         end = time.monotonic() + 90
         while time.monotonic() < end:
-            for pid in _tree(roots):
+            for pid in process_tree(roots):
                 if pid not in seen and (found := _process(pid)) is not None:
                     seen[pid] = found
             commands = " ".join(c for c, _ in seen.values())
