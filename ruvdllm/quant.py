@@ -129,7 +129,7 @@ def _use_cpu_kernel(x: Tensor) -> bool:
 
 
 # From this many tokens on, dequantizing the int4 weight and calling cuBLAS beats the
-# fused kernel on the H100 (every LLaDA-8B shape, bench/results/h100.json); below
+# fused kernel on the H100 (every LLaDA-8B shape, bench/results/nvidia-h100-80gb-hbm3.json); below
 # it, the product is bound by weight bytes and the fused kernel reads 4x fewer.
 GPU_DEQUANT_MIN_TOKENS = 1024
 
