@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -189,7 +190,8 @@ def _wait_health(url: str, ca: Path, proc: subprocess.Popen[bytes], log: Path,
     while time.monotonic() < end:
         assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
         try:
-            r = httpx.get(f"{url}/health", verify=str(ca), timeout=2.0)
+            r = httpx.get(f"{url}/health", verify=ssl.create_default_context(cafile=ca),
+                          timeout=2.0)
             if r.status_code == 200:
                 body: dict[str, Any] = r.json()
                 return body
@@ -232,7 +234,8 @@ def test_restarted_node_keeps_its_key_and_serves_the_latest_version(tmp_path: Pa
         assert again["node_id"] == first["node_id"]
         assert (home / "node.key").read_bytes() == key_bytes
         assert again["adapter_version"] == 2  # pulled at start, before serving
-        reply = httpx.post(f"{url}/v1/completions", verify=str(tls.ca_cert), timeout=120,
+        trust = ssl.create_default_context(cafile=tls.ca_cert)
+        reply = httpx.post(f"{url}/v1/completions", verify=trust, timeout=120,
                            json={"prompt": "The path", "max_tokens": 4, "steps": 4}).json()
         assert reply["system_fingerprint"] == "adapter-v2"
     finally:
