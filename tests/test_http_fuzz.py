@@ -202,9 +202,9 @@ def test_broken_json_is_refused_cleanly(node: Node, request: tuple[str, Any], cu
 @FUZZ
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
        path=st.sampled_from([*ROUTES, "/", "/v1", "/v1/completions/x", "/metrics/../health"])
-       | st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#"),
+       | st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#/"),
                max_size=30)
-       .map(lambda p: "/" + p),
+       .map(lambda p: "/" + p),  # no "//": the client would read a host from it
        content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-"
                                      "form-urlencoded", "multipart/form-data", "",
                                      "application/json; charset=latin-1", "x/+json"]),
