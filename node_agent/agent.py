@@ -9,7 +9,10 @@
     Supernode          ─ flower-supernode child toward the SuperLink
 
 :meth:`NodeAgent.run` blocks in uvicorn until SIGINT/SIGTERM and then stops everything it
-started, whatever the cause of the exit. While it runs,
+started, whatever the cause of the exit: the SuperNode's whole process group (SIGTERM, then
+SIGKILL after a bounded wait), the gRPC server, the adapter watch. A signal that arrives
+while the agent is still starting is honoured too: uvicorn is then never left running.
+While it runs,
 ``<home>/agent.json`` names its PID, addresses and the SuperNode's PID (``ruvdllm-node
 status`` and the demo read it); it is removed on exit.
 """
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
 STATE_FILE = "agent.json"
+GRPC_GRACE_S = 2.0
+WATCH_JOIN_S = 2.0
 
 
 def state_path(cfg: NodeConfig) -> Path:
@@ -134,11 +139,29 @@ class NodeAgent:
             log.warning("no merged adapter at start (%s); serving version %d until one is "
                         "announced", err, self.adapters.applied)
 
+    def _on_signal(self, number: int, frame: object) -> None:
+        """SIGINT/SIGTERM: ask :meth:`run` to stop (it wakes uvicorn up and cleans up)."""
+        if self._stop.is_set():
+            log.warning("%s while stopping: the clean-up already under way is bounded",
+                        signal.Signals(number).name)
+        self._stop.set()
+
+    def _exit_when_stopped(self, server: uvicorn.Server) -> None:
+        """Tell uvicorn to exit once a stop is asked, however it was asked (a signal may
+        land before uvicorn installs its own handlers)."""
+        self._stop.wait()
+        server.should_exit = True
+
     def run(self) -> None:
-        """Serve until SIGINT/SIGTERM; stops the servers, watcher and SuperNode on exit."""
+        """Serve until SIGINT/SIGTERM; stops the servers, watcher and SuperNode on exit.
+
+        Call it from the main thread (signal handlers and the SuperNode's death signal).
+        """
         cfg = self.cfg
         grpc_server = None
         watcher = None
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             grpc_server, _ = serve(self.service, cfg.grpc_address)
             self._first_sync()
@@ -158,10 +181,11 @@ class NodeAgent:
                 timeout_graceful_shutdown=5, **ssl))  # type: ignore[arg-type]
             log.info("node %s serving %s on %s (gRPC %s)", cfg.node.id, self.model_id,
                      cfg.http_url, cfg.grpc_address)
-            # uvicorn shuts down on SIGINT/SIGTERM, then re-raises the signal to the handler
-            # found at start: this one, so the process goes on to the clean-up below.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda number, frame: self._stop.set())
+            # uvicorn handles SIGINT/SIGTERM itself while it runs, then re-raises the signal
+            # to the handler found at start (_on_signal); a stop asked before that wakes it
+            # through _exit_when_stopped.
+            threading.Thread(target=self._exit_when_stopped, args=(server,),
+                             name="stop-watch", daemon=True).start()
             server.run()
         finally:
             self._stop.set()
@@ -169,8 +193,10 @@ class NodeAgent:
             if self.supernode is not None:
                 self.supernode.stop()
             if grpc_server is not None:
-                grpc_server.stop(grace=2).wait()
+                grpc_server.stop(grace=GRPC_GRACE_S).wait()
             if watcher is not None:
-                watcher.join(timeout=5)
+                watcher.join(timeout=WATCH_JOIN_S)
             state_path(cfg).unlink(missing_ok=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             log.info("node %s stopped", cfg.node.id)

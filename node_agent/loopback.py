@@ -9,12 +9,13 @@ and its own ``FLWR_HOME``; every node has its own folder under ``root`` (config,
 local text, TALoRA store, logs).
 
 :class:`LoopbackFederation` is a context manager: leaving it — normally, on an error or on
-Ctrl-C — stops every node (SIGTERM to the PID it started, SIGKILL to the process group and
-the SuperNode's group after a grace period) and then the coordinator.
+Ctrl-C — stops every node (SIGTERM to the PID it started, which stops its own SuperNode
+group; SIGKILL after a grace period) and then the coordinator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from federation import public_key_bytes
 from node_agent.agent import state_path
 from node_agent.config import NodeConfig, load_config
 from node_agent.identity import ensure_identity
-from node_agent.supernode import flower_env
+from node_agent.supernode import STOP_TIMEOUT_S, flower_env, group_members
 
 log = logging.getLogger(__name__)
 
@@ -287,33 +288,45 @@ byzantine = "{spec.byzantine}"
 
     # --- teardown -------------------------------------------------------------------------
 
-    def _stop_node(self, node: NodeProcess) -> None:
-        proc = node.process
-        supernode_pid = None
-        state = state_path(node.cfg)
-        if state.exists():
-            supernode_pid = json.loads(state.read_text()).get("supernode_pid")
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    def _stop_nodes(self) -> None:
+        """SIGTERM every agent at once (each stops its SuperNode group), wait for them,
+        SIGKILL those still running after the grace period.
+
+        A SIGKILLed agent's SuperNode gets its death signal (SIGTERM) from the kernel; a
+        SuperNode group still alive after that is a bug, logged and killed.
+        """
+        supernodes: dict[str, int] = {}
+        for node in self.nodes:
+            state = state_path(node.cfg)
+            if state.exists():
+                pid = json.loads(state.read_text()).get("supernode_pid")
+                if pid is not None:
+                    supernodes[node.spec.name] = int(pid)
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + STOP_GRACE_S
+        for node in self.nodes:
+            proc = node.process
             try:
-                proc.wait(STOP_GRACE_S)
+                proc.wait(max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("node %s (pid %d) ignored SIGTERM; killing", node.spec.name,
                             proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        if supernode_pid is not None:
-            try:
-                os.killpg(supernode_pid, signal.SIGKILL)
-                log.warning("node %s left its SuperNode (pid %d) behind; killed",
-                            node.spec.name, supernode_pid)
-            except ProcessLookupError:
-                pass
+        end = time.monotonic() + STOP_TIMEOUT_S
+        for name, pgid in supernodes.items():
+            while (left := group_members(pgid)) and time.monotonic() < end:
+                time.sleep(0.2)
+            if left:
+                log.warning("node %s left its SuperNode group %d behind (%s); killing", name,
+                            pgid, left)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
 
     def stop(self) -> None:
         """Stop every node, then the coordinator; safe to call twice."""
-        for node in self.nodes:
-            self._stop_node(node)
+        self._stop_nodes()
         if self.deployment is not None:
             self.deployment.stop()
             self.deployment = None
