@@ -6,9 +6,12 @@
 1. state: the signing key (`state_dir/coordinator.key`, made once, mode 0600), the store,
    and version 1 (all-zero B for the configured model, rank and targets);
 2. `flower-superlink` as a subprocess with its own FLWR_HOME (`state_dir/flwr`), telemetry
-   and update checks off, `--disable-runtime-dependency-installation`, its node registry in
-   `state_dir/flwr/superlink.db`, TLS (+ SuperNode authentication) when configured; ready
-   when `GET /health` answers 200 (FLOWER_NOTES "Processes and ports");
+   and update checks off, `--disable-runtime-dependency-installation`, TLS (+ SuperNode
+   authentication) when configured; ready when `GET /health` answers 200 (FLOWER_NOTES
+   "Processes and ports"). Its state stays in memory (Flower's default): with a SQLite
+   file, ten nodes pushing replies at once on a loaded 2-core machine outlasted SQLite's
+   5 s busy timeout ("database is locked", replies lost). Nothing of ours lives there:
+   runs are submitted afresh and enrolled SuperNode keys are registered again at start;
 3. the gRPC Coordinator service in this process (coordinator.service);
 4. `flwr run coordinator/flwr_app coordinator --run-config ...` (Flower CLI, connection
    written to `$FLWR_HOME/config.toml`), then `flwr ls --run-id N --format json` for the
@@ -23,6 +26,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,9 +55,15 @@ class LaunchError(RuntimeError):
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    """Environment for every Flower process: own FLWR_HOME, no telemetry, no update check."""
+    """Environment for every Flower process: own FLWR_HOME, no telemetry, no update check.
+
+    The interpreter's script folder goes first on PATH, so `flower-superlink`, `flwr` and
+    the helpers Flower starts by bare name (`flower-superexec`, `flwr-serverapp`) are this
+    environment's scripts and not a version manager's shims (pyenv: ~0.3 s CPU each).
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1"}
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": path}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -126,8 +136,7 @@ def start_superlink(cfg: CoordinatorConfig, home: Path) -> subprocess.Popen:
     """Start `flower-superlink` and wait until GET /health answers 200."""
     s = cfg.superlink
     cmd = ["flower-superlink", "--host", s.host, "--port", str(s.port),
-           "--disable-runtime-dependency-installation", "--database",
-           str(home / "superlink.db")]
+           "--disable-runtime-dependency-installation"]
     if s.tls:
         files = tls_files(cfg)
         cmd += ["--ssl-ca-certfile", str(files.ca_cert), "--ssl-certfile",
@@ -256,7 +265,7 @@ def start(cfg: CoordinatorConfig, *, submit: bool = True) -> Deployment:
                 if node.flower_key:
                     try:
                         register_flower_key(cfg, node.flower_key)
-                    except LaunchError as exc:  # e.g. already in superlink.db from a past start
+                    except LaunchError as exc:  # the round goes on without this node
                         logger.warning("SuperNode key of %s not registered: %s", node.node_id, exc)
         service = serve(store, cfg.service.host, cfg.service.port,
                         tls=tls_files(cfg) if cfg.service.tls else None,

@@ -17,13 +17,16 @@ Fewer valid updates than the quorum max(2f+1, quorum) keep the previous version 
 et al. 2017: robust rules need n ≥ 2f+1). Flower's `sample_nodes` waits forever for
 `min_available_nodes`; here the wait is bounded, and the round itself is bounded by the
 `timeout` given to `Strategy.start` (a SIGKILLed SuperNode stays "online" for two heartbeats).
+Flower's `Grid.send_and_receive` pulls replies every 3 s, which adds up to 3 s to every
+round; `start` wraps a Flower grid in `PromptGrid`, which pulls every `REPLY_POLL_S`.
 """
 
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,7 +40,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from coordinator.reasons import RoundReason
 from coordinator.store import ParticipantRow, RoundOutcome, Store
@@ -63,6 +66,9 @@ from federation import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Seconds between two pulls of train replies from the SuperLink (Flower's own grid: 3 s).
+REPLY_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,58 @@ class _Refusal(Exception):
         self.reason, self.detail, self.node_id, self.digest = reason, detail, node_id, digest
 
 
+class PromptGrid(Grid):
+    """A Flower grid whose `send_and_receive` pulls replies every `poll_s` seconds.
+
+    Flower 1.41's HTTP grid sleeps a fixed 3 s between pulls, so a round whose last reply
+    lands just after a pull waits up to 3 s more for nothing. A pull is one small request
+    to the SuperLink; every other call goes to the wrapped grid unchanged.
+    """
+
+    def __init__(self, grid: Grid, poll_s: float = REPLY_POLL_S) -> None:
+        if not poll_s > 0:
+            raise ValueError(f"poll_s must be positive, got {poll_s}")
+        self.grid, self.poll_s = grid, poll_s
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Any:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push `messages`, then pull until every reply is in or `timeout` has passed."""
+        pending = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll_s)
+        return replies
+
+
 def _sha_record(sha256: bytes) -> ArrayRecord:
     return ArrayRecord({"adapter-sha256": Array(np.frombuffer(sha256, dtype=np.uint8).copy())})
 
@@ -157,6 +215,22 @@ class RuvStrategy(FedAvg):
             self.accountant.step(sum(r.epsilon is not None for r in store.rounds()))
         self._rng = np.random.default_rng()
         self._open: _Round | None = None
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's `Strategy.start`, on a `PromptGrid` when given a Flower grid."""
+        if isinstance(grid, Grid) and not isinstance(grid, PromptGrid):
+            grid = PromptGrid(grid)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config,
+                             evaluate_config, evaluate_fn)
 
     # ---- configure ------------------------------------------------------------------------------
 

@@ -56,8 +56,14 @@ def _float(config: ConfigRecord, key: str) -> float:
     return float(value)
 
 
-def train_request(content: RecordDict) -> tuple[pb.TrainRoundRequest, float]:
-    """The TrainRound request for a train message, and its deadline (Unix seconds)."""
+def train_request(content: RecordDict, created_unix: float = 0.0
+                  ) -> tuple[pb.TrainRoundRequest, float]:
+    """The TrainRound request for a train message, and its deadline (Unix seconds).
+
+    ``created_unix`` (the message's creation time on the ServerApp) travels as option
+    ``message-created-unix`` so the agent can log how long the message took to reach it
+    (SuperNode poll, SuperExec poll, ClientApp process start).
+    """
     if "config" not in content.config_records or "arrays" not in content.array_records:
         raise ValueError("train message needs a ConfigRecord 'config' and ArrayRecord 'arrays'")
     config = content.config_records["config"]
@@ -81,7 +87,8 @@ def train_request(content: RecordDict) -> tuple[pb.TrainRoundRequest, float]:
         local_steps=_int(config, "local-steps"),
         learning_rate=_float(config, "learning-rate"),
         clip_norm=_float(config, "clip-norm"),
-        options={"coordinator-tls": "true" if tls else "false", "deadline-unix": repr(deadline)},
+        options={"coordinator-tls": "true" if tls else "false", "deadline-unix": repr(deadline),
+                 "message-created-unix": repr(float(created_unix))},
     )
     return pb.TrainRoundRequest(round=round_info, coordinator_address=address), deadline
 
@@ -110,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(address, str) or not address:
         raise ValueError(f"SuperNode node config lacks {AGENT_ADDRESS_KEY!r} (the NodeAgent "
                          "gRPC address); start the SuperNode through ruvdllm-node")
-    request, deadline = train_request(msg.content)
+    request, deadline = train_request(msg.content, msg.metadata.created_at)
     budget = deadline - time.time() - REPLY_MARGIN_S
     if budget <= 0:
         raise TimeoutError(f"round {request.round.round}: deadline already passed")

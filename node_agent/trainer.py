@@ -104,6 +104,10 @@ class Trainer:
         info = request.round
         steps, lr = self._check(info)
         deadline = float(info.options.get("deadline-unix", "inf"))
+        created = float(info.options.get("message-created-unix", "0"))
+        if created > 0:
+            log.info("round %d: TrainRound arrived %.2f s after the ServerApp created the "
+                     "message", info.round, time.time() - created)
         if not self._lock.acquire(timeout=max(0.0, min(deadline - time.time(), 3600.0))):
             raise TimeoutError(f"round {info.round}: another round is still training")
         try:
