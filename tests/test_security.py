@@ -232,8 +232,11 @@ def _process(pid: int) -> tuple[str, dict[str, str]] | None:
     return cmdline.strip(), env
 
 
-def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path) -> None:
+def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A real run: SuperLink (+ SuperExec + ServerApp) and a SuperNode (+ its ClientApp)."""
+    for name in FLOWER_HYGIENE:  # our launchers must set them, not the test's environment
+        monkeypatch.delenv(name, raising=False)
     ccfg = coordinator_config.load(None, [
         f"coordinator.state_dir={json.dumps(str(tmp_path / 'coordinator'))}",
         f"superlink.port={free_port()}", f"service.port={free_port()}",
