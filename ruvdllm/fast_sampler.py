@@ -13,9 +13,12 @@ threshold), organised so that a step is a fixed sequence of kernels:
   slots it encodes (:meth:`~ruvdllm.model.DiffusionLM.forward_into`): the
   whole sequence at a block's first step (which refreshes both caches), the
   block alone (``dual``), or the block and everything after it (``prefix``);
+  ``delayed`` encodes the whole sequence once, then the block alone, plus the
+  block just committed at a block's first step
+  (:meth:`~ruvdllm.sampler.Sampler._forward_delayed` states the approximation);
 * the block is addressed by a device tensor (``lo``), so one captured graph
-  serves every block of the dual cache (prefix steps have one graph per block,
-  their query length differs);
+  serves every block of the dual and delayed caches (prefix steps have one
+  graph per block, their query length differs);
 * committing (top-k by confidence, threshold, EOS bookkeeping) is tensor
   arithmetic on the device: no ``.item()``, no ``nonzero`` inside a step;
 * logits are computed for the block's rows only;
@@ -40,9 +43,11 @@ from torch import Tensor
 
 from ruvdllm.cuda_graph import GraphSteps
 from ruvdllm.model import DiffusionLM, StaticKV
-from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError, left_pad
+from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig, SamplerError, left_pad
 
-Phase = Literal["full", "dual", "prefix"]
+# full: every slot; dual: the block; prefix: the block and all after it;
+# refresh: the block just committed and the block (the delayed cache's block start).
+Phase = Literal["full", "dual", "prefix", "refresh"]
 
 
 @dataclass
@@ -56,6 +61,7 @@ class _Plan:
     buffers: StaticKV
     slots: Tensor  # (L,) 0..L-1
     block_slots: Tensor  # (Tb,) 0..Tb-1
+    window_slots: Tensor  # (2 Tb,) -Tb..Tb-1: the previous block and the block
     lo: Tensor  # () first slot of the current block
     steps_left: Tensor  # () steps left in the block, this one included
     done: Tensor  # (B,) rows finished (early stop)
@@ -110,8 +116,7 @@ class FastSampler:
             plan.lo.fill_(lo)
             for s in range(per_block):
                 plan.steps_left.fill_(per_block - s)
-                phase: Phase = "full" if cfg.cache == "none" or s == 0 else cfg.cache
-                self._run(plan, phase, lo, cfg)
+                self._run(plan, self._phase(cfg.cache, b, s), lo, cfg)
                 self.forwards += 1
                 may_end_block = cfg.threshold is not None and s < per_block - 1
                 if may_end_block or cfg.early_stop:
@@ -123,6 +128,15 @@ class FastSampler:
                 break
         return [Sampler._cut(row, mcfg.eos_token_id, mcfg.mask_token_id)
                 for row in plan.x[:, P:].tolist()]
+
+    @staticmethod
+    def _phase(cache: CacheMode, block: int, step: int) -> Phase:
+        """What step ``step`` of block ``block`` encodes under ``cache``."""
+        if cache == "none" or (step == 0 and (cache != "delayed" or block == 0)):
+            return "full"
+        if cache == "delayed":
+            return "refresh" if step == 0 else "dual"
+        return cache
 
     def _prepare(self, prompts: list[list[int]], cfg: SamplerConfig) -> _Plan:
         """The plan of this problem shape, its inputs set to ``prompts``."""
@@ -159,6 +173,7 @@ class FastSampler:
             attn_mask=torch.ones(B, 1, 1, L, dtype=torch.bool, device=dev) if padded else None,
             buffers=StaticKV.empty(self.model.config, B, L, dtype, dev),
             slots=torch.arange(L, device=dev), block_slots=torch.arange(Tb, device=dev),
+            window_slots=torch.arange(-Tb, Tb, device=dev),
             lo=torch.zeros((), dtype=torch.long, device=dev),
             steps_left=torch.ones((), dtype=torch.long, device=dev), done=done,
             flags=torch.zeros(2, dtype=torch.bool, device=dev),
@@ -184,6 +199,12 @@ class FastSampler:
             logits = model.forward_into(plan.x.index_select(1, block),
                                         plan.positions.index_select(1, block), block,
                                         plan.buffers, plan.attn_mask, plan.block_slots)
+        elif phase == "refresh":  # the block just committed and the block, over the cache
+            window = plan.lo + plan.window_slots  # (2 Tb,)
+            logits = model.forward_into(plan.x.index_select(1, window),
+                                        plan.positions.index_select(1, window), window,
+                                        plan.buffers, plan.attn_mask,
+                                        plan.block_slots + block.shape[0])
         else:  # prefix: the block and everything after it, over the cached prefix
             logits = model.forward_into(plan.x[:, lo:], plan.positions[:, lo:],
                                         plan.slots[lo:], plan.buffers, plan.attn_mask,

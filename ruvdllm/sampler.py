@@ -13,6 +13,8 @@ Fast path (Fast-dLLM, Wu et al. 2025) on top of the same loop:
 * ``cache="prefix"``: keys/values of everything before the block are computed
   once per block and reused; ``cache="dual"`` also caches the positions after
   the block, so a step encodes only the block's tokens;
+* ``cache="delayed"``: the dual cache without its per-block re-encoding of the
+  whole sequence (see :meth:`Sampler._forward_delayed`);
 * ``early_stop``: a row is finished once an EOS and everything before it are
   committed; the loop ends when every row is.
 
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from ruvdllm.model import DiffusionLM, KVCache
 
-CacheMode = Literal["none", "prefix", "dual"]
+CacheMode = Literal["none", "prefix", "dual", "delayed"]
 
 
 class SamplerError(ValueError):
@@ -68,7 +70,7 @@ class SamplerConfig:
             raise SamplerError(f"steps {self.steps} is not a multiple of the {blocks} blocks")
         if self.remasking not in ("low_confidence", "random"):
             raise SamplerError(f"unknown remasking {self.remasking!r}")
-        if self.cache not in ("none", "prefix", "dual"):
+        if self.cache not in ("none", "prefix", "dual", "delayed"):
             raise SamplerError(f"unknown cache mode {self.cache!r}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise SamplerError("threshold must be in (0, 1]")
@@ -235,9 +237,11 @@ class Sampler:
         steps_per_block = cfg.steps // n_blocks
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         step = 0
+        cache: KVCache | None = None
         for b in range(n_blocks):
             lo, hi = P + b * cfg.block_length, P + (b + 1) * cfg.block_length
-            cache: KVCache | None = None
+            if cfg.cache != "delayed":  # the delayed cache lives across blocks
+                cache = None
             for s in range(steps_per_block):
                 last = s == steps_per_block - 1
                 block_masked = x[:, lo:hi] == mask_id  # (B, Tb)
@@ -248,7 +252,8 @@ class Sampler:
                                   answer_start=P, span=(lo, hi))
                 for hook in self.hooks:
                     hook.before_forward(state)
-                logits, hidden, cache = self._forward(x, valid, positions, lo, hi, cache, cfg)
+                logits, hidden, cache = self._forward(x, valid, positions, lo, hi, cache, cfg,
+                                                      first_step=s == 0)
                 committed, remasked = self._step(x, logits, hidden, state, block_masked,
                                                  steps_per_block - s, cfg, gen, done)
                 if cfg.early_stop:
@@ -264,10 +269,12 @@ class Sampler:
 
     def _forward(
         self, x: Tensor, valid: Tensor, positions: Tensor, lo: int, hi: int,
-        cache: KVCache | None, cfg: SamplerConfig,
+        cache: KVCache | None, cfg: SamplerConfig, first_step: bool = False,
     ) -> tuple[Tensor, Tensor, KVCache | None]:
         """Logits and hidden states of the block ``[lo, hi)``: (B, Tb, V), (B, Tb, d)."""
         model = self.model
+        if cfg.cache == "delayed" and cache is not None:
+            return self._forward_delayed(x, valid, positions, lo, hi, cache, first_step)
         if cfg.cache == "none" or cache is None:
             out = model(x, positions=positions, valid=valid, return_hidden=True,
                         return_cache=cfg.cache != "none", logits_slice=slice(lo, hi))
@@ -275,6 +282,8 @@ class Sampler:
             kept = None
             if out.cache is not None:  # refresh at the block boundary
                 L = x.shape[1]
+                if cfg.cache == "delayed":  # every position, in sequence order
+                    return out.logits, out.hidden[:, lo:hi], out.cache
                 keep = torch.arange(lo, device=x.device) if cfg.cache == "prefix" else (
                     torch.cat([torch.arange(lo, device=x.device),
                                torch.arange(hi, L, device=x.device)]))
@@ -285,6 +294,39 @@ class Sampler:
                     cache=cache, return_hidden=True, logits_slice=slice(0, hi - lo))
         assert out.hidden is not None
         return out.logits, out.hidden[:, : hi - lo], cache
+
+    def _forward_delayed(
+        self, x: Tensor, valid: Tensor, positions: Tensor, lo: int, hi: int, cache: KVCache,
+        first_step: bool,
+    ) -> tuple[Tensor, Tensor, KVCache]:
+        """``cache="delayed"``: encode the block over keys/values cached at the first step.
+
+        Fast-dLLM's dual cache (Wu et al. 2025) re-encodes the whole sequence at
+        every block's first step. Here the whole sequence is encoded once (the
+        answer's first step); afterwards a step encodes the block alone, and a
+        block's first step also re-encodes the block just committed, so its
+        keys/values stop being those of masks: caching a decoded token one step
+        late, as dKV-Cache's delayed caching (Ma et al. 2025) does, and the
+        lazy, partial refreshes of dLLM-Cache (Liu et al. 2025) and dInfer
+        (inclusionAI 2025). Approximation: the prompt's and the masked suffix's
+        keys/values are those of the first step (they never see a committed
+        answer token), and a committed block's are refreshed once, when the next
+        block starts (they never see later blocks). ``cache`` holds every
+        position in sequence order; the encoded window's slots are overwritten.
+        """
+        L, Tb = x.shape[1], hi - lo
+        start = lo - Tb if first_step else lo
+        rest = torch.cat([torch.arange(start, device=x.device),
+                          torch.arange(hi, L, device=x.device)])
+        out = self.model(x[:, start:hi], positions=positions[:, start:hi],
+                         valid=valid[:, start:hi], cache=cache.select(rest), return_cache=True,
+                         return_hidden=True, logits_slice=slice(lo - start, hi - start))
+        assert out.hidden is not None and out.cache is not None
+        T = hi - start
+        for full, fresh in zip([*cache.keys, *cache.values],
+                               [*out.cache.keys, *out.cache.values], strict=True):
+            full[:, :, start:hi] = fresh[:, :, -T:]  # (B, Hkv, T, hd): the window's slots
+        return out.logits, out.hidden[:, lo - start:], cache
 
     def _step(
         self, x: Tensor, logits: Tensor, hidden: Tensor, state: StepState,

@@ -37,9 +37,9 @@ def model() -> DiffusionLM:
     return tiny_model()
 
 
-OPTIONS = [{}, {"cache": "prefix"}, {"cache": "dual"}, {"threshold": 0.3},
-           {"threshold": 0.3, "cache": "dual"}, {"early_stop": True},
-           {"threshold": 0.3, "cache": "prefix", "early_stop": True}]
+OPTIONS = [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "delayed"}, {"threshold": 0.3},
+           {"threshold": 0.3, "cache": "dual"}, {"threshold": 0.3, "cache": "delayed"},
+           {"early_stop": True}, {"threshold": 0.3, "cache": "prefix", "early_stop": True}]
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -49,6 +49,18 @@ def test_fast_path_emits_the_reference_tokens_on_cpu(model, options):
         cfg = SamplerConfig(steps=steps, gen_length=gen, block_length=block, **options)
         for prompts in (PROMPTS[:1], PROMPTS):  # alone, and a left-padded batch
             assert fast.generate(prompts, cfg) == Sampler(model).generate(prompts, cfg)
+
+
+def test_delayed_cache_encodes_less_and_differs_from_dual(model):
+    """One block per step: delayed steps encode 2 blocks, not the whole sequence."""
+    cfg = SamplerConfig(steps=4, gen_length=32, block_length=8, cache="delayed")
+    assert [FastSampler._phase("delayed", b, 0) for b in range(3)] == ["full", "refresh",
+                                                                        "refresh"]
+    assert FastSampler._phase("delayed", 1, 1) == "dual"
+    assert FastSampler._phase("dual", 1, 0) == "full"
+    answer = FastSampler(model).generate(PROMPTS, cfg)
+    assert answer == Sampler(model).generate(PROMPTS, cfg)
+    assert all(len(a) > 0 for a in answer)
 
 
 def test_threshold_skips_steps(model):
