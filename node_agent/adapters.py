@@ -15,6 +15,15 @@ Training needs the exact version a round announces (its B matrices are the base 
 delta), which may not be the newest: :meth:`AdapterSync.base` serves it from a small cache
 of recent versions or fetches it with ``GetAdapter``. A background thread follows
 ``WatchAdapters`` and reconnects with backoff when the stream breaks.
+
+Local patterns (DESIGN §4 "local learning"): after each round the node keeps what its own
+text taught every bank as a TALoRA pattern, :meth:`AdapterSync.store_local`: the frozen A
+of the round's seed and ``trained B − global B`` (before clipping), keyed by the embedding
+of the text it trained on and marked ``kind = "delta"``. Being a difference, such a pattern
+is applied *with* its bank's global adapter by :class:`GlobalPlusLocalHook` — ``global +
+Σ wᵢ·deltaᵢ`` within the bank's blend weight — so it stays meaningful after the next merged
+version is swapped in. A later round on the same text replaces the patterns of the earlier
+one; other texts' patterns stay (up to the store's capacity, least used evicted).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -35,15 +44,16 @@ from node_agent.engine import Engine
 from node_agent.metrics import Registry
 from proto import ruvdllm_pb2 as pb
 from proto import ruvdllm_pb2_grpc as pb_grpc
-from ruvdllm.lora import Adapter, LoRAConfig, frozen_a
+from ruvdllm.lora import Adapter, LoRAConfig, LoRAModel, frozen_a
 from ruvdllm.model import DiffusionLM
-from ruvdllm.talora import BANKS, TALoRA
+from ruvdllm.talora import BANKS, TALoRA, TALoRAHook, bank_weights
 
 log = logging.getLogger(__name__)
 
 # Versions kept in memory for training bases (the applied one and a few before it).
 CACHED_VERSIONS = 4
 WATCH_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+DELTA_KIND = "delta"  # meta "kind" of a pattern that adds to its bank's global adapter
 
 
 class AdapterError(RuntimeError):
@@ -71,6 +81,46 @@ def bank_adapter(frozen: Adapter, version: Version, bank: str) -> Adapter:
     return tensors
 
 
+class GlobalPlusLocalHook(TALoRAHook):
+    """TALoRA's sampler hook, where a ``kind = "delta"`` pattern adds to its bank's global.
+
+    :class:`~ruvdllm.talora.TALoRAHook` gives a bank's weight to its retrieved patterns
+    *instead of* its global slot (a full pattern already contains the global it was trained
+    from). A delta pattern holds only what local training added, so here the global slot
+    keeps the bank's weight and the retrieved deltas come on top with their retrieval
+    weights; full patterns keep the stock behaviour. ``used`` collects, per pattern id, the
+    largest weight it got since :meth:`set_query` (what the engine reports per request).
+    """
+
+    def __init__(self, talora: TALoRA, lora_model: LoRAModel, top_k: int = 4) -> None:
+        super().__init__(talora, lora_model, top_k=top_k)
+        self.used: dict[int, float] = {}
+
+    def has_patterns(self) -> bool:
+        """Whether the store holds any local pattern."""
+        return bool(self.talora.patterns())
+
+    def set_query(self, query: np.ndarray | None) -> None:
+        """The retrieval key for the coming forwards (None: global slots only)."""
+        self.query = query
+        self.used = {}
+
+    def mix_for(self, t: float) -> list[tuple[str, float]]:
+        covered: set[str] = set()
+        mix: list[tuple[str, float]] = []
+        if self.query is not None:
+            for pid, weight in self.talora.retrieve(self.query, t, self.top_k):
+                mix.append((self._load_local(pid), weight))
+                self.used[pid] = max(weight, self.used.get(pid, 0.0))
+                if self.talora.meta(pid).get("kind") != DELTA_KIND:
+                    covered.add(self.talora.bank_of(pid))
+        for bank, weight in bank_weights(t).items():
+            if weight > 0.0 and bank not in covered and self._load_global(bank):
+                mix.append((f"global:{bank}", weight))
+        self._trim_cache({name for name, _ in mix})
+        return mix
+
+
 class AdapterSync:
     """Keeps a node's TALoRA global slots on the coordinator's latest verified version."""
 
@@ -87,6 +137,8 @@ class AdapterSync:
         self.applied = talora.global_version
         engine.adapter_version = self.applied
         metrics.set("adapter_version", self.applied)
+        metrics.describe("local_patterns", "gauge", "Local TALoRA patterns in the node's store")
+        metrics.set("local_patterns", len(talora.patterns()))
 
     # --- verification ---------------------------------------------------------------------
 
@@ -147,6 +199,34 @@ class AdapterSync:
         log.info("hot-swapped merged adapter v%d (round %d, contributors %s)", version.version,
                  message.round, ", ".join(message.contributors) or "none")
         return True
+
+    def store_local(self, version: Version, deltas: dict[str, dict[str, np.ndarray]],
+                    key: np.ndarray, source: str, round_number: int) -> list[int]:
+        """Keep a round's local training as delta patterns, one per bank; returns their ids.
+
+        ``deltas``: per bank, LoRA B name → ``trained − global`` of ``version``; ``key``:
+        the embedding of the text trained on; ``source``: a fingerprint of that text, whose
+        earlier patterns are replaced. The store changes between two requests (under
+        :meth:`Engine.exclusive`) and is saved afterwards.
+        """
+        frozen = self._frozen_a(version.ffa_seed)
+        local = replace(version, banks=deltas)
+        adapters = [bank_adapter(frozen, local, b) for b in BANKS]
+        metas = [{"bank": b, "kind": DELTA_KIND, "source": source, "round": round_number,
+                  "base_version": version.version} for b in BANKS]
+        with self._lock:
+            stale = [pid for pid in self.talora.patterns()
+                     if self.talora.meta(pid).get("source") == source]
+            with self.engine.exclusive():
+                for pid in stale:
+                    self.talora.remove(pid)
+                ids = self.talora.store_many(adapters, np.stack([key] * len(BANKS)), metas)
+            if self.talora.root is not None:
+                self.talora.save()
+        self.metrics.set("local_patterns", len(self.talora.patterns()))
+        log.info("round %d: stored local patterns %s (replacing %s) for text %s", round_number,
+                 ids, stale, source[:12])
+        return ids
 
     def fetch(self, version: int = 0) -> pb.MergedAdapter:
         """``GetAdapter`` from the coordinator (0: the latest)."""

@@ -2,7 +2,8 @@
 
 :class:`NodeAgent` assembles the pieces from a :class:`~node_agent.config.NodeConfig`:
 
-    model (quantized)  ─ LoRAModel ─ TALoRAHook (global slot per bank, mix by t)
+    model (quantized)  ─ LoRAModel ─ GlobalPlusLocalHook (global slot per bank, mix by t,
+                                            + local patterns retrieved by prompt embedding)
     Engine (one lock)  ─ HTTP API (uvicorn) and NodeAgent gRPC (Generate, TrainRound, Health)
     AdapterSync        ─ GetAdapter at start, WatchAdapters thread, verified hot swaps
     Trainer            ─ local data, learn.train_bank, encode_delta, SubmitDelta
@@ -31,7 +32,7 @@ from typing import Any
 import uvicorn
 
 from federation import load_public_key, public_key_bytes
-from node_agent.adapters import AdapterError, AdapterSync
+from node_agent.adapters import AdapterError, AdapterSync, GlobalPlusLocalHook
 from node_agent.config import NodeConfig
 from node_agent.engine import Engine
 from node_agent.grpc_service import NodeAgentService, serve
@@ -45,7 +46,7 @@ from node_agent.transport import coordinator_channel
 from proto import ruvdllm_pb2 as pb
 from ruvdllm.lora import LoRAConfig, LoRAModel
 from ruvdllm.runtime import load
-from ruvdllm.talora import TALoRA, TALoRAHook
+from ruvdllm.talora import TALoRA
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class NodeAgent:
         if self.talora.lora != lora:
             raise ValueError(f"TALoRA store {root} was made with {self.talora.lora}, the config "
                              f"asks for {lora}")
-        self.runtime.sampler.hooks.append(TALoRAHook(self.talora, LoRAModel(model, lora)))
-        self.engine = Engine(self.runtime, cfg.http, self.metrics)
+        hook = GlobalPlusLocalHook(self.talora, LoRAModel(model, lora))
+        self.runtime.sampler.hooks.append(hook)
+        self.engine = Engine(self.runtime, cfg.http, self.metrics, patterns=hook)
         self.data = LocalData(cfg.node.data_dir)
         coord = cfg.coordinator
         self.adapters = AdapterSync(
@@ -164,6 +166,7 @@ class NodeAgent:
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             grpc_server, _ = serve(self.service, cfg.grpc_address)
+            self.trainer.text_key()  # the local text's pattern key, outside any round
             self._first_sync()
             if cfg.coordinator.watch:
                 watcher = threading.Thread(target=self.adapters.watch, args=(self._stop,),

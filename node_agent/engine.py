@@ -11,6 +11,12 @@ went away), which stops the worker at the next denoising step and releases the l
 
 Admission is bounded: at most ``max_concurrency`` requests are admitted (running or waiting
 for the lock); the next is refused with :class:`Busy`, which the APIs answer with 429.
+
+Local patterns: when the node's TALoRA store holds any, each request's retrieval is keyed
+by its prompt's embedding (``learn.prompt_embedding``: mean-pooled final hidden state under
+the base model, the key local training stores patterns under), set on the
+:class:`PatternHook` with the lock held and cleared when the request ends; the final chunk
+names the patterns the request used and their largest weight.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from node_agent.config import HttpSection
 from node_agent.metrics import Registry
+from ruvdllm.learn import prompt_embedding
 from ruvdllm.runtime import Runtime
 from ruvdllm.sampler import AnswerTracker, SamplerConfig, SamplerError
 
@@ -77,6 +87,21 @@ class Chunk:
     forwards: int = 0
     completion_tokens: int = 0
     adapter_version: int = 0
+    local_patterns: dict[int, float] = field(default_factory=dict)  # id -> largest weight
+
+
+class PatternHook(Protocol):
+    """The sampler hook that retrieves local patterns (node_agent.adapters)."""
+
+    used: dict[int, float]
+
+    def has_patterns(self) -> bool:
+        """Whether there is any local pattern to retrieve."""
+        ...
+
+    def set_query(self, query: np.ndarray | None) -> None:
+        """Key the coming forwards' retrieval (None: global adapters only)."""
+        ...
 
 
 class Job:
@@ -119,7 +144,8 @@ class Job:
             ids.extend(chunk.token_ids)
             if chunk.done:
                 return Chunk("".join(text), ids, chunk.step, True, chunk.finish_reason,
-                             chunk.forwards, chunk.completion_tokens, chunk.adapter_version)
+                             chunk.forwards, chunk.completion_tokens, chunk.adapter_version,
+                             chunk.local_patterns)
         raise RuntimeError("generation ended without a final chunk")
 
 
@@ -132,10 +158,14 @@ def _stop_at(text: str, stop: tuple[str, ...]) -> int | None:
 class Engine:
     """The served model behind one lock; see the module docstring."""
 
-    def __init__(self, runtime: Runtime, limits: HttpSection, metrics: Registry) -> None:
+    def __init__(self, runtime: Runtime, limits: HttpSection, metrics: Registry,
+                 patterns: PatternHook | None = None) -> None:
         self.runtime = runtime
         self.limits = limits
         self.metrics = metrics
+        self.patterns = patterns
+        metrics.describe("local_pattern_requests_total", "counter",
+                         "Generations that retrieved at least one local TALoRA pattern")
         self.adapter_version = 0
         self._lock = threading.Lock()
         self._no_swap = threading.Event()  # cleared while a swap waits for or holds the model
@@ -239,8 +269,11 @@ class Engine:
                              queued=True))
                 return
             try:
+                self._key_request(gen)
                 self._generate(gen, job)
             finally:
+                if self.patterns is not None:
+                    self.patterns.set_query(None)
                 self._lock.release()
         except Exception as err:  # delivered to the reader, which answers 500
             log.exception("generation failed")
@@ -259,6 +292,13 @@ class Engine:
             if self._no_swap.is_set():
                 return True
             self._lock.release()  # a swap started waiting meanwhile: it goes first
+
+    def _key_request(self, gen: Generation) -> None:
+        """Key local-pattern retrieval by the prompt's embedding, if there are patterns."""
+        if self.patterns is None or not self.patterns.has_patterns():
+            return
+        rt = self.runtime
+        self.patterns.set_query(prompt_embedding(rt.model, rt.tokenizer, [gen.prompt_text]))
 
     def _generate(self, gen: Generation, job: Job) -> None:
         """Denoise, emitting the in-order committed prefix as it grows (lock held)."""
@@ -304,7 +344,10 @@ class Engine:
         self.metrics.inc("prompt_tokens_total", len(gen.prompt_ids))
         self.metrics.inc("generation_seconds_total", elapsed)
         self.metrics.inc("model_forwards_total", forwards)
-        job.put(Chunk("", [], step, True, reason, forwards, len(sent_ids), version))
+        used = dict(self.patterns.used) if self.patterns is not None else {}
+        if used:
+            self.metrics.inc("local_pattern_requests_total")
+        job.put(Chunk("", [], step, True, reason, forwards, len(sent_ids), version, used))
 
     # --- hot swap -------------------------------------------------------------------------
 

@@ -15,10 +15,17 @@ run one at a time.
 
 A node configured ``byzantine`` (tests and demos of robust aggregation only) scales or
 negates its delta after clipping, as an attacker that ignores the protocol would.
+
+Once the upload is accepted, the node also keeps its own (unclipped) delta of every bank as
+a local TALoRA pattern keyed by the embedding of the text it trained on
+(:meth:`AdapterSync.store_local`), which its requests retrieve by prompt embedding. The key
+is computed once per distinct local text (:meth:`Trainer.text_key`; the agent computes it at
+start), not in every round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -37,7 +44,7 @@ from node_agent.metrics import Registry
 from node_agent.transport import TransportError, coordinator_channel
 from proto import ruvdllm_pb2 as pb
 from proto import ruvdllm_pb2_grpc as pb_grpc
-from ruvdllm.learn import train_bank
+from ruvdllm.learn import prompt_embedding, train_bank
 from ruvdllm.lora import LoRAConfig
 from ruvdllm.model import DiffusionLM
 from ruvdllm.talora import BANKS
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOCAL_STEPS = 10_000
 FEEDBACK_FILE = "error_feedback.npz"
+KEY_TOKENS = 1024  # tokens of local text read (evenly spaced windows) for a pattern key
 
 
 class RoundError(RuntimeError):
@@ -70,6 +78,14 @@ def clip(delta: dict[str, Bank], bound: float) -> tuple[dict[str, Bank], float]:
     return {b: {k: t * scale for k, t in bank.items()} for b, bank in delta.items()}, norm
 
 
+def fingerprint(texts: list[str]) -> str:
+    """SHA-256 over the SHA-256 of each text: names a local text's patterns (their source)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
 class Trainer:
     """Trains and uploads the node's update for each round it is asked to."""
 
@@ -83,6 +99,23 @@ class Trainer:
         self.byzantine = parse_byzantine(cfg.training.byzantine)
         self.feedback_path: Path = cfg.node.home / FEEDBACK_FILE
         self.last_round = 0
+        self._key: tuple[str, np.ndarray] | None = None  # (text fingerprint, embedding)
+
+    def text_key(self) -> tuple[str, np.ndarray] | None:
+        """(fingerprint, embedding) of the local text on disk now; None without text."""
+        texts = self.data.texts(self.cfg.training.max_chars)
+        return self.key_of(texts) if texts else None
+
+    def key_of(self, texts: list[str]) -> tuple[str, np.ndarray]:
+        """(fingerprint, embedding) of ``texts``; the embedding is recomputed only when the
+        text changed since the last call."""
+        source = fingerprint(texts)
+        if self._key is None or self._key[0] != source:
+            t0 = time.perf_counter()
+            self._key = (source, prompt_embedding(self.model, self.tokenizer, texts,
+                                                  max_tokens=KEY_TOKENS))
+            log.info("keyed local text %s in %.2f s", source[:12], time.perf_counter() - t0)
+        return self._key
 
     def _check(self, info: pb.RoundInfo) -> tuple[int, float]:
         if info.round < 1:
@@ -129,6 +162,7 @@ class Trainer:
         if not texts:
             raise RoundError(f"no local text in {self.data.root} to train on")
         delta, metrics, examples = self._deltas(base, texts, steps, lr, info.round)
+        local = delta  # clip and the Byzantine scaling below make new dicts
         delta, norm = clip(delta, info.clip_norm)
         metrics["delta_norm"] = norm
         if self.byzantine is not None:
@@ -151,6 +185,8 @@ class Trainer:
         receipt = self._upload(request, body, deadline)
         upload_s = time.perf_counter() - t1
         feedback.save(self.feedback_path)
+        source, key = self.key_of(texts)
+        self.adapters.store_local(base, local, key, source, info.round)
         signed = pb.LoRADelta.FromString(body)
         self.last_round = info.round
         self.metrics.inc("rounds_trained_total")
