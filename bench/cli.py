@@ -32,7 +32,8 @@ from bench.baseline import regressions
 from bench.common import BenchContext, Row
 from bench.report import format_table, row_from_json, row_json, status, write_report
 
-SECTIONS = ("inference", "talora", "dgr", "memory", "federation", "quality", "parity")
+SECTIONS = ("inference", "talora", "dgr", "memory", "federation", "quality", "parity",
+            "robustness")
 THRESHOLDS = ("latency_increase_pct", "throughput_decrease_pct", "memory_increase_pct")
 
 
