@@ -11,8 +11,10 @@ Called by the ``inference`` and ``memory`` sections under ``--device cuda``
    default (trained) model in float32 and on the 8B shape in bfloat16;
 3. latency: the naive reference (``Sampler``, no cache, a full forward every
    step) and the fast path (``FastSampler``: caches, threshold, CUDA graphs) on
-   the 8B shape with random weights, bfloat16 then int4 (W4), interleaved
-   rounds, medians.
+   the 8B shape with random weights, bfloat16 then int4 (W4: every linear and
+   the embedding), interleaved rounds, medians; each cache mode and block
+   length, the best is the headline; the headline once more with the eager
+   element-wise ops instead of the fused kernels.
 
 Random weights carry no meaning, so a confidence threshold rarely fires on
 them: the 64-step figure is an upper bound of what a trained model needs.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import ruvdllm.model as model_module
 from bench.common import BenchContext, Row, percentile
 from bench.inference import LLADA_8B, bench_prompts, latency_rows, llada8b, measure, random_prompts
 from ruvdllm.fast_sampler import FastSampler
@@ -52,14 +55,20 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def _dequantized_linear(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
-    """The alternative to a fused kernel: dequantize to x's dtype, then cuBLAS."""
-    return F.linear(x, q.dequantize(x.dtype))
+def _dequant_linear(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
+    """The alternative to the fused kernel: Triton dequantization, then cuBLAS."""
+    from ruvdllm.kernels.weight_only import int4_dequantize  # Triton: CUDA only
+
+    return F.linear(x, int4_dequantize(q.weight, q.scales, x.dtype))
 
 
 def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
     """Time (µs) and error of each weight-only product candidate, per shape and M."""
-    from ruvdllm.kernels.weight_only import int4_matmul, int8_matmul  # Triton: CUDA only
+    from ruvdllm.kernels.weight_only import (  # Triton: CUDA only
+        _CHOICE,
+        int4_matmul,
+        int8_matmul,
+    )
 
     rows: list[Row] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -69,6 +78,8 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
         q4, q8 = Int4Linear.from_linear(lin, 32), Int8Linear.from_linear(lin)
         w4, w8 = q4.dequantize(torch.float32), q8.dequantize(torch.float32)
         for M in tokens:
+            if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
+                continue
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             label = f"N={N},K={K},M={M}"
             if M in (tokens[0], tokens[-1]):
@@ -81,12 +92,17 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
             candidates: dict[str, Callable[[], object]] = {
                 "bf16": partial(F.linear, x, lin.weight),
                 "int4": partial(int4_matmul, x, q4.weight, q4.scales),
-                "int4_dequant": partial(_dequantized_linear, x, q4),
+                "int4_dequant": partial(_dequant_linear, x, q4),
                 "int8": partial(int8_matmul, x, q8.weight, q8.scales),
             }
             for name, fn in candidates.items():
-                rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}",
-                                    _median_us(fn), "us"))
+                us = _median_us(fn)
+                note = ""
+                if name == "int4":  # the first call chose among its candidates
+                    key = next(k for k in _CHOICE if k[1:3] == (N, K) and k[0] >= M)
+                    note = f"chosen: {_CHOICE[key]} (fused/S: S K slices; dequant: + cuBLAS)"
+                rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}", us, "us",
+                                    note=note))
         del lin, q4, q8, w4, w8
         torch.cuda.empty_cache()
     return rows
@@ -112,7 +128,8 @@ def agreement_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
     fast = FastSampler(rt.model)
     rows = []
     variants: list[tuple[CacheMode, float | None]] = [
-        ("none", None), ("prefix", None), ("dual", None), ("dual", params["threshold"])]
+        ("none", None), ("prefix", None), ("dual", None), ("dual", params["threshold"]),
+        ("delayed", None), ("delayed", params["threshold"])]
     for cache, threshold in variants:
         cfg = SamplerConfig(steps=steps, gen_length=G, block_length=32, cache=cache,
                             threshold=threshold)
@@ -139,6 +156,15 @@ def _latency(ctx: BenchContext, prefix: str, fn: Callable[[], object], iteration
     return latency_rows(ctx, prefix, t["gen"], batch, tokens)
 
 
+def _eager_ms(fn: Callable[[], object], iterations: int) -> float:
+    """``fn``'s median ms with the eager element-wise ops (fresh graphs: new sampler)."""
+    model_module.FUSED_KERNELS = False
+    try:
+        return _time({"eager": fn}, iterations)["eager"]
+    finally:
+        model_module.FUSED_KERNELS = True
+
+
 def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     """Every LLaDA-8B-shape inference row of the issue's goals (see module doc)."""
     rows = kernel_rows(ctx, params["kernel_tokens"])
@@ -162,48 +188,56 @@ def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                              f"{steps} steps, bfloat16, eager"))
     for quant in ("bf16", "w4"):
         if quant == "w4":
-            quantize_model(model, "int4")
+            quantize_model(model, "int4", embedding=True)
             torch.cuda.empty_cache()
             fast = FastSampler(model)
         tag = "" if quant == "bf16" else "w4_"
-        # 8 steps at batch 1 for each block length; the fastest is the headline.
-        per_block: dict[int, float] = {}
-        for block in params["llada8b_block_lengths"]:
-            cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache="dual")
-            per_block[block] = _time({"fast": partial(fast.generate, one, cfg)},
-                                     its)["fast"]
-            rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms{{B=1,block={block}}}",
-                                per_block[block], "ms", note="dual cache, CUDA graphs"))
-        block = min(per_block, key=lambda b: per_block[b])
-        cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache="dual")
+        # 8 steps at batch 1 for each cache mode and block length; the fastest is the headline.
+        per_variant: dict[tuple[CacheMode, int], float] = {}
+        for cache in params["llada8b_caches"]:
+            for block in params["llada8b_block_lengths"]:
+                cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
+                ms = _time({"fast": partial(fast.generate, one, cfg)}, its)["fast"]
+                per_variant[cache, block] = ms
+                rows.append(ctx.row("inference",
+                                    f"llada8b_{tag}p50_ms{{B=1,cache={cache},block={block}}}",
+                                    ms, "ms", note=f"{steps} steps, CUDA graphs"))
+        cache, block = min(per_variant, key=lambda v: per_variant[v])
+        cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
+        what = f"fast path, {cache} cache, block {block}, {steps} steps, CUDA graphs"
         for B, prompts in ((1, one), (8, batch)):
             rows += _latency(ctx, f"llada8b_{tag}", partial(fast.generate, prompts, cfg), its,
                              B, G)
             for r in rows[-4:]:
-                r.note = f"fast path, dual cache, block {block}, {steps} steps, CUDA graphs"
+                r.note = what
         p50 = next(r.value for r in rows if r.name == f"llada8b_{tag}latency_p50_ms_b1")
         rows.append(ctx.row("inference", f"llada8b_{tag}speedup_b1", ref_ms / p50, "x",
                             note="naive reference p50 / fast p50 (B=1, 8 steps), same run"))
+        rows.append(ctx.row("inference", f"llada8b_{tag}eager_elementwise_p50_ms_b1",
+                            _eager_ms(partial(FastSampler(model).generate, one, cfg), its), "ms",
+                            note=f"{what}; RMSNorm/RoPE/SwiGLU as eager ops, not fused kernels"))
         long = SamplerConfig(steps=params["long_steps"], gen_length=G,
-                             block_length=params["long_block_length"], cache="dual",
-                             threshold=params["threshold"])
-        ms = _time({"fast": partial(fast.generate, one, long)}, its)
+                             block_length=params["long_block_length"],
+                             cache=params["long_cache"], threshold=params["threshold"])
+        long_ms = _time({"fast": partial(fast.generate, one, long)}, its)["fast"]
         rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms_{params['long_steps']}steps",
-                            ms["fast"], "ms",
-                            note=f"B=1, dual cache, threshold {params['threshold']}, block "
-                                 f"{params['long_block_length']}; {fast.forwards} steps run "
-                                 "(random weights: the threshold rarely fires)"))
+                            long_ms, "ms",
+                            note=f"B=1, {params['long_cache']} cache, threshold "
+                                 f"{params['threshold']}, block {params['long_block_length']}; "
+                                 f"{fast.forwards} steps run (random weights: the threshold "
+                                 "rarely fires)"))
     del model, fast, ref_sampler
     torch.cuda.empty_cache()
     return rows
 
 
 def llada8b_w4_peak(model: DiffusionLM, prompt_length: int, output_length: int,
-                    steps: int, block_length: int) -> int:
-    """Peak bytes allocated while the fast path generates once with ``model`` (weights in)."""
+                    steps: int, block_length: int, cache: CacheMode) -> tuple[int, int]:
+    """Bytes allocated before, and at the peak of, the fast path's first generation."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     prompts = random_prompts(1, prompt_length, model.config.vocab_size)
     FastSampler(model).generate(prompts, SamplerConfig(steps=steps, gen_length=output_length,
-                                                       block_length=block_length, cache="dual"))
-    return int(torch.cuda.max_memory_allocated())
+                                                       block_length=block_length, cache=cache))
+    return before, int(torch.cuda.max_memory_allocated())

@@ -104,11 +104,12 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                     "runs with --device cuda)") for n, u in names.items()]
     from bench.gpu import llada8b_w4_peak  # CUDA only (Triton)
 
-    model = quantize_model(llada8b(torch.bfloat16), "int4")
+    model = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
     weights = weight_bytes(model)
     G = params["llada8b_output_length"]
-    total = llada8b_w4_peak(model, params["llada8b_prompt_length"], G, params["llada8b_steps"],
-                            params["llada8b_block_length"])
+    before, total = llada8b_w4_peak(model, params["llada8b_prompt_length"], G,
+                                    params["llada8b_steps"], params["llada8b_block_length"],
+                                    params["llada8b_cache"])
     ctx_ids = torch.tensor(random_prompts(1, params["llada8b_context"], model.config.vocab_size),
                            device="cuda")
     with torch.no_grad():
@@ -120,8 +121,11 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     ctxlen = params["llada8b_context"]
     return [ctx.row("memory", "llada8b_int4_weights_gb", weights / 1e9, "GB"),
             ctx.row("memory", "llada8b_int4_total_gb", total / 1e9, "GB",
-                    note=f"peak allocated, weights included, fast path (CUDA graphs), B=1, "
-                         f"{params['llada8b_prompt_length']}+{G} tokens"),
+                    note=f"peak allocated, weights included (int4 linears and embedding, "
+                         f"bfloat16 scales), fast path ({params['llada8b_cache']} cache, block "
+                         f"{params['llada8b_block_length']}, CUDA graphs, Triton autotuning), "
+                         f"B=1, {params['llada8b_prompt_length']}+{G} tokens; allocated "
+                         f"before generating: {before / 1e9:.2f} GB"),
             ctx.row("memory", "llada8b_kv_cache_gb", kv / 1e9, "GB",
                     note=f"bfloat16 keys+values of {ctxlen} tokens")]
 

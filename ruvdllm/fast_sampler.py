@@ -165,7 +165,7 @@ class FastSampler:
     def _new_plan(self, key: tuple[object, ...], B: int, L: int, Tb: int,
                   padded: bool) -> _Plan:
         dev = self.device
-        dtype = self.model.transformer.wte.weight.dtype
+        dtype = self.model.transformer.ln_f.weight.dtype  # the float dtype (wte may be int4)
         x = torch.zeros(B, L, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         return _Plan(

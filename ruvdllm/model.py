@@ -24,6 +24,16 @@ from torch import Tensor, nn
 
 from ruvdllm.config import ModelConfig
 
+# Inference on CUDA in 16 bits runs RMSNorm, RoPE and SwiGLU as fused Triton kernels
+# (ruvdllm/kernels/elementwise.py); False keeps the eager ops (the bench times both).
+FUSED_KERNELS = True
+
+
+def _fused(x: Tensor) -> bool:
+    """Fused kernels serve 16-bit CUDA tensors outside autograd (they have no backward)."""
+    return (FUSED_KERNELS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled())
+
 
 @dataclass
 class KVCache:
@@ -85,6 +95,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _fused(x) and self.weight.dtype == x.dtype:
+            from ruvdllm.kernels.elementwise import rms_norm  # Triton: CUDA only
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
@@ -102,9 +116,22 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``(B, H, T, hd)``: halves layout, as LLaDA/Llama."""
+    if _fused(x):
+        from ruvdllm.kernels.elementwise import rope  # Triton: CUDA only
+
+        return rope(x, cos, sin)
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``, the gated MLP activation of Llama/LLaDA (Shazeer 2020)."""
+    if _fused(up) and gate.dtype == up.dtype:
+        from ruvdllm.kernels.elementwise import swiglu as fused
+
+        return fused(gate, up)
+    return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -145,7 +172,7 @@ class Block(nn.Module):
         att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
         x = x + self.dropout(self.attn_out(att))
         h = self.ff_norm(x)
-        return x + self.dropout(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        return x + self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
 
     def forward(
         self,

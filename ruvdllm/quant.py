@@ -11,21 +11,30 @@ baselines of GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023).
 * ``int4``: symmetric, one scale per row and group of ``group_size`` inputs:
   ``w ≈ q * scale[row, col // group_size]``, ``q ∈ [-7, 7]``; two values per
   byte, column ``2j`` in the low nibble and ``2j+1`` in the high nibble, each a
-  4-bit two's complement number.
+  4-bit two's complement number. Scales are bfloat16 (half the bytes of
+  float32: 0.47 of the 8B shape's 4.7 GB), and ``q`` is rounded against the
+  bfloat16 scale, so the round-trip bound holds for the stored scale.
+* optionally (``embedding=True``, int4 only, untied models) the token
+  embedding too, row by row in the same int4 groups: it is looked up, never
+  multiplied, so a lookup dequantizes only the rows it reads. On the LLaDA-8B
+  shape the bfloat16 embedding is 1.04 GB, a fifth of the 5 GB W4 goal.
 
 State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 ``model.transformer.blocks.{i}.q_proj...`` stay valid):
 
 * ``weight``: int8 ``(out, in)`` or uint8 ``(out, in/2)`` (int4 packed);
-* ``scales``: float32 ``(out,)`` (int8) or ``(out, in/group_size)`` (int4);
-  float32 keeps the round-trip bound ``|w - ŵ| ≤ scale/2`` exact;
+* ``scales``: float32 ``(out,)`` (int8) or bfloat16 ``(out, in/group_size)``
+  (int4; checkpoints written before held float32, which loads rounded);
 * ``bias``: float, only where the float model had one (Dream's q/k/v).
 
-The group size is implied by the shapes and recorded in ``config.json``.
+The group size is implied by the shapes and recorded in ``config.json``; a
+quantized embedding is ``model.transformer.wte.weight`` (uint8 ``(V, d/2)``)
+with ``wte.scales``, and ``modules`` reads ``all-linear+embedding``.
 
 Kernels (figures in docs/decisions.md): on CUDA with 16-bit activations, the
 Triton kernels of :mod:`ruvdllm.kernels.weight_only` read these layouts directly
-and dequantize in registers. On CPU, torch's packed kernels
+and dequantize in registers (int4 picks, per shape, the fastest split of K or a
+Triton dequantization followed by cuBLAS). On CPU, torch's packed kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 14-60x slower
 than dequantize-then-matmul with float32 activations, but 2.4-3.7x faster with
 bfloat16 activations. So bfloat16 inputs on CPU use them; everything else
@@ -41,7 +50,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +67,8 @@ DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions.md
 _INT8_MAX = 127
 _INT4_MAX = 7
 _TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
+INT4_SCALE_DTYPE = torch.bfloat16
+MODULES = ("all-linear", "all-linear+embedding")
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,18 +89,19 @@ _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """``(packed uint8 (out, in/2), scales float32 (out, in/group_size))``.
+    """``(packed uint8 (out, in/2), scales bfloat16 (out, in/group_size))``.
 
     Each group's scale is the clipping ratio of ``_CLIP_RATIOS`` with the least
-    squared reconstruction error.
+    squared reconstruction error, rounded to bfloat16 before ``q`` is computed.
     """
     out_f, in_f = w.shape
     wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
     absmax = wg.abs().amax(dim=-1).clamp(min=_TINY)  # (out, G)
     best_err = torch.full_like(absmax, torch.inf)
     scales = absmax / _INT4_MAX
+    tiny = torch.finfo(INT4_SCALE_DTYPE).tiny  # an all-zero group's scale stays nonzero
     for ratio in _CLIP_RATIOS:
-        cand = absmax * ratio / _INT4_MAX
+        cand = (absmax * ratio / _INT4_MAX).to(INT4_SCALE_DTYPE).float().clamp(min=tiny)
         rec = torch.round(wg / cand[..., None]).clamp(-_INT4_MAX, _INT4_MAX) * cand[..., None]
         err = (rec - wg).pow(2).sum(-1)  # (out, G)
         better = err < best_err
@@ -98,7 +110,7 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     q = torch.round(wg / scales[..., None]).clamp(-_INT4_MAX, _INT4_MAX).to(torch.int8)
     q = q.reshape(out_f, in_f)  # (out, in)
     packed = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)  # (out, in/2), int8 bit patterns
-    return packed.view(torch.uint8), scales
+    return packed.view(torch.uint8), scales.to(INT4_SCALE_DTYPE)
 
 
 def unpack_int4(packed: Tensor, dtype: torch.dtype = torch.int8) -> Tensor:
@@ -126,12 +138,6 @@ def _use_cpu_kernel(x: Tensor) -> bool:
     training through a quantized base) take the dequantize path.
     """
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
-
-
-# From this many tokens on, dequantizing the int4 weight and calling cuBLAS beats the
-# fused kernel on the H100 (every LLaDA-8B shape, bench/results/nvidia-h100-80gb-hbm3.json); below
-# it, the product is bound by weight bytes and the fused kernel reads 4x fewer.
-GPU_DEQUANT_MIN_TOKENS = 1024
 
 
 def _use_gpu_kernel(x: Tensor) -> bool:
@@ -248,7 +254,8 @@ class Int4Linear(QuantizedLinear):
         """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
         out_f, in_f, dev = linear.out_features, linear.in_features, linear.weight.device
         return cls(in_f, out_f, torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=dev),
-                   torch.empty(out_f, _groups(in_f, group_size), device=dev), linear.bias)
+                   torch.empty(out_f, _groups(in_f, group_size), dtype=INT4_SCALE_DTYPE,
+                               device=dev), linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int4(self.weight, self.scales, dtype)
@@ -264,8 +271,7 @@ class Int4Linear(QuantizedLinear):
         return self._kernel[1], self._kernel[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = x.numel() // self.in_features
-        if _use_gpu_kernel(x) and tokens < GPU_DEQUANT_MIN_TOKENS:
+        if _use_gpu_kernel(x):  # it also picks dequantize + cuBLAS where that is faster
             from ruvdllm.kernels.weight_only import int4_matmul  # Triton: CUDA only
 
             y = int4_matmul(x.reshape(-1, self.in_features), self.weight, self.scales)
@@ -278,6 +284,50 @@ class Int4Linear(QuantizedLinear):
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return self._add_bias(y)
+
+
+class Int4Embedding(nn.Module):
+    """A token embedding stored as int4 rows (the layout of :class:`Int4Linear`'s weight).
+
+    ``forward(ids)`` dequantizes only the looked-up rows, to ``dtype``: the
+    float embedding's dtype, kept through ``.to()``.
+    """
+
+    weight: Tensor
+    scales: Tensor
+
+    def __init__(self, weight: Tensor, scales: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, d/2) uint8
+        self.register_buffer("scales", scales)  # (V, d/group)
+        self.num_embeddings, self.embedding_dim = weight.shape[0], weight.shape[1] * 2
+        self.dtype = dtype
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group_size: int) -> Int4Embedding:
+        _groups(emb.embedding_dim, group_size)
+        packed, scales = quantize_int4(emb.weight, group_size)
+        return cls(packed, scales, emb.weight.dtype)
+
+    @classmethod
+    def empty_like(cls, emb: nn.Embedding, group_size: int) -> Int4Embedding:
+        V, d, dev = emb.num_embeddings, emb.embedding_dim, emb.weight.device
+        return cls(torch.empty(V, d // 2, dtype=torch.uint8, device=dev),
+                   torch.empty(V, _groups(d, group_size), dtype=INT4_SCALE_DTYPE, device=dev),
+                   emb.weight.dtype)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int4Embedding:
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .to(dtype)
+        return super()._apply(fn, recurse)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)  # (n,)
+        rows = dequantize_int4(self.weight.index_select(0, flat),
+                               self.scales.index_select(0, flat), self.dtype)  # (n, d)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4"
 
 
 def _factory(scheme: str, group_size: int | None,
@@ -304,20 +354,35 @@ def _swap(model: DiffusionLM, make: Callable[[nn.Linear], QuantizedLinear]) -> N
         setattr(parent, name, new)
 
 
-def quantize_model(model: DiffusionLM, scheme: Scheme,
-                   group_size: int = DEFAULT_GROUP_SIZE) -> DiffusionLM:
-    """Quantize every ``nn.Linear`` of a float model in place; the embedding stays float.
+def _check_embedding(model: DiffusionLM, scheme: object) -> None:
+    if scheme != "int4":
+        raise ValueError("only int4 quantizes the embedding")
+    if model.config.weight_tying:
+        raise ValueError("a tied embedding is the LM head's weight; quantize it as a linear "
+                         "or not at all")
 
-    Records ``{"scheme", "group_size", "modules": "all-linear"}`` in
-    ``model.config.quantization`` (``group_size`` is null for int8, which is per row).
+
+def quantize_model(model: DiffusionLM, scheme: Scheme, group_size: int = DEFAULT_GROUP_SIZE,
+                   embedding: bool = False) -> DiffusionLM:
+    """Quantize every ``nn.Linear`` of a float model in place, and the embedding if asked.
+
+    Records ``{"scheme", "group_size", "modules"}`` in ``model.config.quantization``
+    (``group_size`` is null for int8, which is per row; ``modules`` is
+    ``all-linear`` or ``all-linear+embedding``).
     """
     if model.config.quantization:
         raise ValueError(f"model is already quantized ({model.config.quantization})")
     make = _factory(scheme, group_size, empty=False)
+    if embedding:
+        _check_embedding(model, scheme)
     with torch.no_grad():
         _swap(model, make)
+        if embedding:
+            setattr(model.transformer, "wte",  # noqa: B010 (wte is typed nn.Embedding)
+                    Int4Embedding.from_embedding(model.transformer.wte, group_size))
     gs = group_size if scheme == "int4" else None
-    model.config.quantization = {"scheme": scheme, "group_size": gs, "modules": "all-linear"}
+    model.config.quantization = {"scheme": scheme, "group_size": gs,
+                                 "modules": MODULES[int(embedding)]}
     return model
 
 
@@ -328,12 +393,17 @@ def prepare_quantized(model: DiffusionLM, quantization: dict[str, object]) -> No
     ``quantization`` comes from config.json, so it is validated here.
     """
     scheme, group_size = quantization.get("scheme"), quantization.get("group_size")
-    if quantization.get("modules") != "all-linear":
-        raise ValueError(f"quantization: unsupported modules {quantization.get('modules')!r}; "
-                         "expected 'all-linear'")
+    modules = quantization.get("modules")
+    if modules not in MODULES:
+        raise ValueError(f"quantization: unsupported modules {modules!r}; expected one of "
+                         f"{MODULES}")
     if not isinstance(scheme, str) or not (group_size is None or isinstance(group_size, int)):
         raise ValueError(f"quantization: malformed entry {quantization}")
     _swap(model, _factory(scheme, group_size, empty=True))
+    if modules == "all-linear+embedding":
+        _check_embedding(model, scheme)  # int4, so _factory has checked group_size
+        setattr(model.transformer, "wte",  # noqa: B010 (wte is typed nn.Embedding)
+                Int4Embedding.empty_like(model.transformer.wte, cast(int, group_size)))
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: Scheme,

@@ -124,6 +124,20 @@ def test_weight_only_kernels_match_dequantized_product(scheme, M, N, K):
 
 
 @cuda
+@pytest.mark.parametrize("M,N,K", [(32, 256, 512), (7, 96, 64), (300, 512, 384)])
+def test_every_int4_candidate_matches_dequantized_product(M, N, K):
+    from ruvdllm.kernels.weight_only import _int4_candidates
+
+    torch.manual_seed(M * N)
+    q = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"), 32)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ q.dequantize(torch.float64).t()
+    for name, fn in _int4_candidates(x, q.weight, q.scales).items():
+        y = fn()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+
+
+@cuda
 def test_quantized_fast_path_close_to_float():
     model = tiny_model("cuda").to(torch.bfloat16)
     cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, cache="dual")

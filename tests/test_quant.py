@@ -87,8 +87,8 @@ def test_int4_round_trip_within_half_group_scale(case: tuple[int, torch.Tensor])
     wg = w.reshape(out_f, in_f // g, g)
     inside = wg.abs() <= scales[..., None] * 7  # entries the clip search did not clip
     assert torch.all(err[inside] <= (scales[..., None] / 2 * (1 + 1e-5)).expand_as(err)[inside])
-    # the chosen clip never does worse than plain absmax scaling, group by group
-    plain = wg.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7
+    # the chosen clip never does worse than plain absmax scaling (stored in bfloat16 too)
+    plain = (wg.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7).bfloat16().float()
     plain_err = ((torch.round(wg / plain).clamp(-7, 7) * plain - wg) ** 2).sum(-1)
     assert torch.all((err**2).sum(-1) <= plain_err * (1 + 1e-4) + 1e-12)
 
@@ -240,3 +240,31 @@ def test_refusals_of_checkpoint_and_config_input(tmp_path: Path) -> None:
         prepare_quantized(small_model(), {"scheme": "int8", "group_size": None})
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(quantize_model(small_model(), "int8"), "int4")
+
+
+def test_int4_embedding_round_trip_and_checkpoint(tmp_path: Path) -> None:
+    model = small_model()
+    ids = torch.tensor([[1, 5, 9, 200]])
+    float_rows = model.transformer.wte(ids).detach()
+    quantize_model(model, "int4", 32, embedding=True)
+    assert model.config.quantization["modules"] == "all-linear+embedding"
+    wte = model.transformer.wte
+    assert wte.weight.dtype == torch.uint8 and wte.scales.dtype == torch.bfloat16
+    rows = model.transformer.wte(ids)
+    assert rows.shape == (1, 4, 64) and rows.dtype == torch.float32
+    torch.testing.assert_close(rows[0], dequantize_int4(wte.weight, wte.scales)[ids[0]])
+    assert ((rows - float_rows).norm() / float_rows.norm()).item() < 0.15
+    with torch.no_grad():
+        got = model(ids).logits
+    save_checkpoint(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, got)
+    assert model.to(torch.bfloat16).transformer.wte(ids).dtype == torch.bfloat16
+
+
+def test_int4_embedding_refusals() -> None:
+    with pytest.raises(ValueError, match="only int4"):
+        quantize_model(small_model(), "int8", embedding=True)
+    with pytest.raises(ValueError, match="tied"):
+        quantize_model(small_model(weight_tying=True), "int4", embedding=True)
