@@ -24,6 +24,8 @@ before each call, median).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -36,7 +38,7 @@ from bench.common import BenchContext, Row, percentile
 from bench.inference import LLADA_8B, bench_prompts, latency_rows, llada8b, measure, random_prompts
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM
-from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model
+from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model, weight_bytes
 from ruvdllm.runtime import load
 from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig
 
@@ -241,3 +243,12 @@ def llada8b_w4_peak(model: DiffusionLM, prompt_length: int, output_length: int,
     FastSampler(model).generate(prompts, SamplerConfig(steps=steps, gen_length=output_length,
                                                        block_length=block_length, cache=cache))
     return before, int(torch.cuda.max_memory_allocated())
+
+
+if __name__ == "__main__":  # bench.memory: W4 weights, allocated before and peak, fresh process
+    spec = json.loads(sys.argv[1])
+    w4 = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
+    before, peak = llada8b_w4_peak(w4, spec["llada8b_prompt_length"],
+                                   spec["llada8b_output_length"], spec["llada8b_steps"],
+                                   spec["llada8b_block_length"], spec["llada8b_cache"])
+    print(weight_bytes(w4), before, peak)

@@ -102,14 +102,14 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     if ctx.device != "cuda":
         return [Row("memory", n, float("nan"), u, note="not measured on cpu (LLaDA-8B int4 "
                     "runs with --device cuda)") for n, u in names.items()]
-    from bench.gpu import llada8b_w4_peak  # CUDA only (Triton)
-
-    model = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
-    weights = weight_bytes(model)
     G = params["llada8b_output_length"]
-    before, total = llada8b_w4_peak(model, params["llada8b_prompt_length"], G,
-                                    params["llada8b_steps"], params["llada8b_block_length"],
-                                    params["llada8b_cache"])
+    # A fresh process: what earlier sections left allocated stays out of the peak.
+    spec = {k: params[k] for k in ("llada8b_prompt_length", "llada8b_output_length",
+                                   "llada8b_steps", "llada8b_block_length", "llada8b_cache")}
+    out = subprocess.run([sys.executable, "-m", "bench.gpu", json.dumps(spec)],
+                         capture_output=True, text=True, check=True)
+    weights, before, total = map(int, out.stdout.split()[-3:])
+    model = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
     ctx_ids = torch.tensor(random_prompts(1, params["llada8b_context"], model.config.vocab_size),
                            device="cuda")
     with torch.no_grad():
@@ -124,8 +124,8 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                     note=f"peak allocated, weights included (int4 linears and embedding, "
                          f"bfloat16 scales), fast path ({params['llada8b_cache']} cache, block "
                          f"{params['llada8b_block_length']}, CUDA graphs, Triton autotuning), "
-                         f"B=1, {params['llada8b_prompt_length']}+{G} tokens; allocated "
-                         f"before generating: {before / 1e9:.2f} GB"),
+                         f"B=1, {params['llada8b_prompt_length']}+{G} tokens, a fresh "
+                         f"process; allocated before generating: {before / 1e9:.2f} GB"),
             ctx.row("memory", "llada8b_kv_cache_gb", kv / 1e9, "GB",
                     note=f"bfloat16 keys+values of {ctxlen} tokens")]
 

@@ -256,12 +256,15 @@ def _int4_candidates(x: Tensor, packed: Tensor,
     iters = K // (K // scales.shape[1] * _groups_per_iter(K, K // scales.shape[1]))
     out: dict[str, Callable[[], Tensor]] = {
         f"fused/{s}": partial(_int4_fused, x, packed, scales, s)
-        for s in (1, 2, 4, 8) if iters // s >= 2}
-    if x.shape[0] >= 128:  # below, a product of the full 16-bit weight cannot pay
+        for s in (1, 2, 4, 8) if s == 1 or iters // s >= 2}
+    if packed.numel() * 4 <= _DEQUANT_MAX_BYTES:  # a transient 16-bit copy of the weight
         out["dequant"] = lambda: F.linear(x, int4_dequantize(packed, scales, x.dtype))
     return out
 
 
+# Largest transient 16-bit weight of the dequantize candidate: every linear of the 8B
+# shape but the LM head (1 GB), whose fused kernel wins at a step's M anyway.
+_DEQUANT_MAX_BYTES = 128 << 20
 _CHOICE: dict[tuple[int, int, int, torch.dtype], str] = {}
 
 
