@@ -257,7 +257,9 @@ def _int4_candidates(x: Tensor, packed: Tensor,
     out: dict[str, Callable[[], Tensor]] = {
         f"fused/{s}": partial(_int4_fused, x, packed, scales, s)
         for s in (1, 2, 4, 8) if s == 1 or iters // s >= 2}
-    if packed.numel() * 4 <= _DEQUANT_MAX_BYTES:  # a transient 16-bit copy of the weight
+    # A transient 16-bit copy of the weight; below 128 rows it measured slower inside the
+    # step graphs than the fused kernel, although it can time faster alone (decisions.md).
+    if x.shape[0] >= 128 and packed.numel() * 4 <= _DEQUANT_MAX_BYTES:
         out["dequant"] = lambda: F.linear(x, int4_dequantize(packed, scales, x.dtype))
     return out
 
