@@ -14,13 +14,15 @@ bfloat16 on the H100 at these shapes (issue #6, docs/decisions.md).
 
 int4 kernel, built for small ``M`` (docs/decisions.md has the measurements):
 
-* **split-K**: at ``M`` = 32 a 4096-wide output has only 32 tiles of 128
-  columns, too few programs to keep the memory system busy; the K range is cut
-  into ``SPLIT_K`` slices whose partial products are added with fp32 atomics
-  (the split-K / stream-K idea of CUTLASS; Osama et al. 2023);
-* **one group per iteration**: the loop walks K one quantization group at a
-  time, so a group's scale is one value per output column, applied to the
-  fp32 partial product (exact integers go into the tensor-core product);
+* **split-K** (optional): at ``M`` = 32 a 4096-wide output has only 32 tiles of
+  128 columns; the K range can be cut into ``SPLIT_K`` slices whose partial
+  products are added with fp32 atomics (the split-K / stream-K idea of CUTLASS;
+  Osama et al. 2023);
+* **128 columns per iteration**: 64 contiguous bytes of each weight row per
+  load; each group's scale multiplies its 32 (or 64, 128) decoded values in
+  registers, rounded as :func:`ruvdllm.quant.dequantize_int4` rounds;
+* **a choice per shape** (:func:`int4_matmul`): the split, or a Triton
+  dequantization followed by cuBLAS, whichever times fastest on the first call;
 * **no int-to-float conversion**: a nibble ``v`` (signed) becomes ``u = v + 8``
   by flipping its top bit, and the 16-bit pattern ``MAGIC | u`` is the float
   ``BIAS + u`` (bfloat16: 0x4300 = 128, fp16: 0x6400 = 1024, both exact for
