@@ -77,3 +77,29 @@ def test_prompt_embedding_is_deterministic_and_sized(model, tok):
     assert (e1 == e2).all()
     with pytest.raises(ValueError):
         prompt_embedding(model, tok, [])
+
+
+def test_zero_eval_batches_skips_scoring_and_trains_the_same(model, tok):
+    kw = {"lora": CFG, "steps": 2, "seq_len": 32, "batch_size": 2, "seed": 3}
+    scored, m1 = train_bank(model, tok, TEXT, "domain", **kw)
+    skipped, m0 = train_bank(model, tok, TEXT, "domain", eval_batches=0, **kw)
+    assert set(m0) == {"examples"} and {"loss_before", "quality_gain"} <= set(m1)
+    assert all(torch.equal(scored[k], skipped[k]) for k in scored)
+    with pytest.raises(ValueError, match="eval_batches"):
+        train_bank(model, tok, TEXT, "domain", eval_batches=-1, **kw)
+
+
+def test_twins_are_reused_until_the_parameters_change(model, tok):
+    from ruvdllm import learn
+
+    train_bank(model, tok, TEXT, "fine", lora=CFG, steps=1, seq_len=32)
+    first = learn._cached_view(model, "train").twin
+    train_bank(model, tok, TEXT, "fine", lora=CFG, steps=1, seq_len=32)
+    assert learn._cached_view(model, "train").twin is first  # detached after use, reused
+    assert type(first.transformer.blocks[0].q_proj) is torch.nn.Linear
+    before = prompt_embedding(model, tok, TEXT)
+    with torch.no_grad():
+        model.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(
+            model.transformer.blocks[0].q_proj.weight * 2)
+    assert learn._cached_view(model, "train").twin is not first
+    assert not (prompt_embedding(model, tok, TEXT) == before).all()

@@ -118,6 +118,8 @@ def test_train_round_uploads_a_signed_delta(world: World) -> None:
     assert set(delta.tensors) == {"coarse", "domain", "fine"}
     assert all(name.endswith("lora_B") for bank in delta.tensors.values() for name in bank)
     assert "train_s" not in delta.metrics  # timings are not part of the signed delta
+    assert delta.metrics["quality_gain"] == delta.metrics["domain.quality_gain"]
+    assert "coarse.quality_gain" not in delta.metrics  # only the gain bank is scored
     assert (world.agent.cfg.node.home / FEEDBACK_FILE).exists()
     assert ErrorFeedback.load(world.agent.cfg.node.home / FEEDBACK_FILE).residual
     assert world.agent.trainer.last_round == 1
