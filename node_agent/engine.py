@@ -344,7 +344,10 @@ class Engine:
         self.metrics.inc("prompt_tokens_total", len(gen.prompt_ids))
         self.metrics.inc("generation_seconds_total", elapsed)
         self.metrics.inc("model_forwards_total", forwards)
-        used = dict(self.patterns.used) if self.patterns is not None else {}
+        used: dict[int, float] = {}
+        if self.patterns is not None:  # end the query before the reader sees the last chunk
+            used = dict(self.patterns.used)
+            self.patterns.set_query(None)
         if used:
             self.metrics.inc("local_pattern_requests_total")
         job.put(Chunk("", [], step, True, reason, forwards, len(sent_ids), version, used))

@@ -5,6 +5,9 @@ tests/test_node_agent.py); the TALoRA store is the real one (hnswlib index, file
 A round trains on the node's local text and must leave one delta pattern per bank keyed by
 that text's embedding; a generation request must retrieve, by its prompt's embedding, the
 patterns of the text closest to it, and apply them together with the global adapters.
+
+The module runs torch on one thread: on the loaded 2-core CI machine two OpenMP threads
+spin against each other and the module took 85 s instead of 13 s (load ~5; 204 s at ~10).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from coordinator import config as coordinator_config
 from coordinator.launch import prepare_state
@@ -69,11 +73,14 @@ enabled = false
 seq_len = 32
 batch_size = 2
 """)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     agent = NodeAgent(load_config(home / "node.toml"))
     store.enroll("alice", public_key_bytes(agent.identity.key))
     try:
         yield Node(store, service, agent, home / "data")
     finally:
+        torch.set_num_threads(threads)
         service.stop()
         store.close()
 
