@@ -70,6 +70,7 @@ from ruvdllm.learn import train_bank
 from ruvdllm.lora import LoRAConfig, frozen_a, zero_b
 from ruvdllm.runtime import Runtime, load
 from ruvdllm.talora import BANKS
+from ruvdllm.train import token_stream
 
 SECTION = "robustness"
 POISONING = "poisoning"
@@ -148,7 +149,8 @@ class Matrix:
         domains = list(p["domains"])
         self.domains = [domains[i % len(domains)] for i in range(self.n)]
         corpus = str(p["corpus"])
-        self.tests = [corpus_split(corpus, d, "test") for d in sorted(set(self.domains))]
+        self.tests = [self._leading(corpus_split(corpus, d, "test"), int(p["eval_tokens"]))
+                      for d in sorted(set(self.domains))]
         train = {d: corpus_split(corpus, d, "train") for d in set(self.domains)}
         per_domain = [self.domains[:i].count(self.domains[i]) for i in range(self.n)]
         self.texts = [node_texts(train[d], j, int(p["chars"]), int(p["doc_chars"]))
@@ -156,6 +158,17 @@ class Matrix:
         self._scores: dict[bytes, float] = {}
         self._version = 0
         self.layout: dict[str, BankLayout] = {}
+
+    def _leading(self, docs: list[str], tokens: int) -> list[str]:
+        """The first documents that hold ``tokens`` tokens: all the scorer reads of ``docs``
+        (its stream is the documents' encodings in order), so no cell re-tokenizes the rest."""
+        out, count = [], 0
+        for doc in docs:
+            out.append(doc)
+            count += len(token_stream([doc], self.rt.tokenizer))
+            if count >= tokens:
+                break
+        return out
 
     def train(self, texts: list[str], node: int) -> Trained:
         """Train every bank of one node from the zero-B global adapter; clip as the node does."""
