@@ -235,6 +235,7 @@ class Matrix:
 
 
 def _check(p: dict[str, Any]) -> None:
+    """ValueError for unknown attacks or aggregators and attacker counts n cannot hold."""
     unknown = sorted(set(p["attacks"]) - {*DELTA_ATTACKS, POISONING})
     unknown += sorted(set(p["aggregators"]) - {*RULES, DAF_NAME})
     unknown += sorted(set(p["sweep_aggregators"]) - set(p["aggregators"]))
