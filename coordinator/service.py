@@ -16,6 +16,12 @@ keeps a node's traffic per round under the 1 MB goal (docs/deploy-coordinator.md
 Versions are written by the strategy in another process, so the stream polls the store
 (SQLite WAL readers do not block the writer).
 
+Every answer carries the initial metadata `ruvdllm-coordinator-instance`, an id drawn at
+each start of the service: a node that sees it change knows the coordinator (and its
+SuperLink, whose state is in memory and whose node registrations are lost) was restarted,
+and restarts its SuperNode (node_agent.supernode). WatchAdapters sends it when the stream
+opens, not with the first version, so a node that is up to date learns it at once.
+
 The server binds loopback by default; any other address needs TLS material or an explicit
 `insecure=True`, so deltas never cross a network in clear text by accident.
 """
@@ -23,6 +29,7 @@ The server binds loopback by default; any other address needs TLS material or an
 import hashlib
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -47,13 +54,21 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20
 WATCH_POLL_S = 0.5
+INSTANCE_KEY = "ruvdllm-coordinator-instance"  # initial metadata key of every answer
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """Servicer over a `Store`; `stop` ends open WatchAdapters streams."""
+    """Servicer over a `Store`; `stop` ends open WatchAdapters streams; `instance` is the id
+    sent in every answer's metadata (a new one per start)."""
 
-    def __init__(self, store: Store, stop: threading.Event, poll_s: float = WATCH_POLL_S) -> None:
+    def __init__(self, store: Store, stop: threading.Event, poll_s: float = WATCH_POLL_S,
+                 instance: str | None = None) -> None:
         self.store, self.stop, self.poll_s = store, stop, poll_s
+        self.instance = instance or uuid.uuid4().hex
+
+    def _announce(self, context: grpc.ServicerContext) -> None:
+        """Send this instance's id as initial metadata (before any message)."""
+        context.send_initial_metadata(((INSTANCE_KEY, self.instance),))
 
     def _refuse(
         self, digest: bytes, size: int, round_: int | None, node_id: str, exc: Rejected
@@ -72,6 +87,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         A state folder that cannot be written (full, read-only) answers UNAVAILABLE with
         the store's reason; nothing is half-stored (coordinator.store).
         """
+        self._announce(context)
         try:
             return self._submit(request, context)
         except StoreError as exc:
@@ -120,6 +136,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.MergedAdapter:
         """One persisted version (0 = latest), gzip-compressed; NOT_FOUND if absent."""
         context.set_compression(grpc.Compression.Gzip)
+        self._announce(context)
         version = request.version
         if version == 0:
             latest = self.store.latest_version()
@@ -136,6 +153,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Stream the latest version when newer than `after_version`, then each new one
         (gzip-compressed)."""
         context.set_compression(grpc.Compression.Gzip)
+        self._announce(context)
         after = request.after_version
         while context.is_active() and not self.stop.is_set():
             latest = self.store.latest_version()
@@ -152,6 +170,7 @@ class ServiceServer:
     server: grpc.Server
     port: int
     stop_event: threading.Event
+    instance: str
 
     def stop(self, grace: float = 2.0) -> None:
         """End watch streams, then stop the server (waiting up to `grace` seconds)."""
@@ -185,7 +204,8 @@ def serve(
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(store, stop), server)
+    servicer = CoordinatorService(store, stop)
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)
@@ -197,5 +217,6 @@ def serve(
     if bound == 0:
         raise RuntimeError(f"cannot bind the coordinator service to {address}")
     server.start()
-    logger.info("coordinator service on %s:%d (%s)", host, bound, "TLS" if tls else "plaintext")
-    return ServiceServer(server, bound, stop)
+    logger.info("coordinator service on %s:%d (%s), instance %s", host, bound,
+                "TLS" if tls else "plaintext", servicer.instance)
+    return ServiceServer(server, bound, stop, servicer.instance)

@@ -7,7 +7,9 @@
     Engine (one lock)  ─ HTTP API (uvicorn) and NodeAgent gRPC (Generate, TrainRound, Health)
     AdapterSync        ─ GetAdapter at start, WatchAdapters thread, verified hot swaps
     Trainer            ─ local data, learn.train_bank, encode_delta, SubmitDelta
-    Supernode          ─ flower-supernode child toward the SuperLink
+    Supernode          ─ flower-supernode child toward the SuperLink, restarted by a
+                         Supervisor thread when it exits or the coordinator restarted
+                         (InstanceWatch on the coordinator channels sees a new instance id)
 
 :meth:`NodeAgent.run` blocks in uvicorn until SIGINT/SIGTERM and then stops everything it
 started, whatever the cause of the exit: the SuperNode's whole process group (SIGTERM, then
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import uvicorn
 
 from federation import load_public_key, public_key_bytes
@@ -40,7 +43,7 @@ from node_agent.http_api import create_app
 from node_agent.identity import ensure_identity
 from node_agent.local_data import LocalData
 from node_agent.metrics import node_registry
-from node_agent.supernode import Supernode
+from node_agent.supernode import InstanceWatch, Supernode, Supervisor
 from node_agent.trainer import Trainer
 from node_agent.transport import coordinator_channel
 from proto import ruvdllm_pb2 as pb
@@ -54,6 +57,7 @@ SOFTWARE_VERSION = "0.1.0"
 STATE_FILE = "agent.json"
 GRPC_GRACE_S = 2.0
 WATCH_JOIN_S = 2.0
+SUPERVISOR_JOIN_S = 30.0  # a restart under way: SuperNode stop (≤ 10 s + kill) and start
 
 
 def state_path(cfg: NodeConfig) -> Path:
@@ -75,6 +79,8 @@ class NodeAgent:
                                     "missing: merged adapters could not be verified")
         coordinator_key = load_public_key(cfg.coordinator.public_key)
         self.metrics = node_registry()
+        self.metrics.describe("supernode_restarts_total", "counter",
+                              "flower-supernode restarts (it exited, or the coordinator did)")
         quant = None if cfg.model.quant == "none" else cfg.model.quant
         self.runtime = load(cfg.model.path, quant=quant, group_size=cfg.model.group_size,
                             device="cpu")
@@ -91,11 +97,17 @@ class NodeAgent:
         self.runtime.sampler.hooks.append(hook)
         self.engine = Engine(self.runtime, cfg.http, self.metrics, patterns=hook)
         self.data = LocalData(cfg.node.data_dir)
+        self._stop = threading.Event()
+        self.supernode = Supernode(cfg) if cfg.supernode.enabled else None
+        self.supervisor = (Supervisor(self.supernode, self._stop, self._supernode_restarted)
+                           if self.supernode is not None else None)
+        self.instances = InstanceWatch(self._coordinator_restarted)
         coord = cfg.coordinator
         self.adapters = AdapterSync(
             self.engine, self.talora, model, lora, coordinator_key,
-            lambda: coordinator_channel(coord.address, coord.root_certificates,
-                                        insecure=cfg.insecure),
+            lambda: grpc.intercept_channel(
+                coordinator_channel(coord.address, coord.root_certificates,
+                                    insecure=cfg.insecure), self.instances),
             self.metrics, coord.timeout_s)
         self.trainer = Trainer(cfg, model=model, tokenizer=self.runtime.tokenizer, lora=lora,
                                adapters=self.adapters, data=self.data, key=identity.key,
@@ -103,8 +115,16 @@ class NodeAgent:
         self.service = NodeAgentService(self.engine, self.trainer, self.metrics, self.node_info)
         self.app = create_app(self.engine, model_id=self.model_id, data=self.data,
                               metrics=self.metrics, health=self.health)
-        self.supernode = Supernode(cfg) if cfg.supernode.enabled else None
-        self._stop = threading.Event()
+
+    def _coordinator_restarted(self, old: str, new: str) -> None:
+        """A coordinator answer came from a new instance: its SuperLink forgot our SuperNode."""
+        log.warning("coordinator instance changed %s -> %s", old[:8], new[:8])
+        if self.supervisor is not None:
+            self.supervisor.coordinator_restarted(old, new)
+
+    def _supernode_restarted(self, pid: int) -> None:
+        self.metrics.inc("supernode_restarts_total")
+        self._write_state()
 
     def node_info(self) -> pb.NodeInfo:
         return pb.NodeInfo(node_id=self.cfg.node.id,
@@ -118,10 +138,12 @@ class NodeAgent:
         if self.supernode is not None:
             code = self.supernode.returncode()
             supernode = "running" if code is None else code
+        restarts = self.supervisor.restarts if self.supervisor is not None else 0
         return {"status": "ok", "node_id": self.cfg.node.id, "model": self.model_id,
                 "adapter_version": self.adapters.applied,
                 "last_round": self.trainer.last_round,
-                "uptime_s": round(time.time() - self.started, 1), "supernode": supernode}
+                "uptime_s": round(time.time() - self.started, 1), "supernode": supernode,
+                "supernode_restarts": restarts}
 
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "node_id": self.cfg.node.id, "http": self.cfg.http_url,
@@ -161,7 +183,7 @@ class NodeAgent:
         """
         cfg = self.cfg
         grpc_server = None
-        watcher = None
+        watcher = supervisor = None
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -172,8 +194,11 @@ class NodeAgent:
                 watcher = threading.Thread(target=self.adapters.watch, args=(self._stop,),
                                            name="adapter-watch", daemon=True)
                 watcher.start()
-            if self.supernode is not None:
+            if self.supernode is not None and self.supervisor is not None:
                 self.supernode.start()
+                supervisor = threading.Thread(target=self.supervisor.run,
+                                              name="supernode-supervisor", daemon=True)
+                supervisor.start()
             self._write_state()
             ssl = {}
             if cfg.http.tls_certfile is not None:
@@ -193,6 +218,8 @@ class NodeAgent:
         finally:
             self._stop.set()
             self.adapters.close()
+            if supervisor is not None:  # no restart may race the stop below
+                supervisor.join(timeout=SUPERVISOR_JOIN_S)
             if self.supernode is not None:
                 self.supernode.stop()
             if grpc_server is not None:

@@ -14,6 +14,21 @@ group and waits until every member is gone, not just the SuperNode, then SIGKILL
 left. On Linux the SuperNode is also started with ``PR_SET_PDEATHSIG`` = SIGTERM, so it
 shuts down (and its SuperExec after it) even when the agent is killed without a chance to
 clean up.
+
+:class:`Supervisor` keeps the SuperNode connected. flwr 1.41's SuperNode does not recover
+from a restarted SuperLink: the new SuperLink (its state is in memory) answers the old
+node's heartbeats and pulls with 401 and the SuperNode only logs "Connection attempt
+failed, retrying", forever. So the agent restarts it (same key, same port) when
+
+* the coordinator is a new instance: every Coordinator gRPC answer carries the id of the
+  service's start (``INSTANCE_KEY``); :class:`InstanceWatch`, an interceptor on the agent's
+  coordinator channels, sees it change when the adapter watch reconnects after the restart
+  (the coordinator starts its service only once its SuperLink is up with the enrolled keys
+  registered, so the new SuperNode can register at once);
+* or the SuperNode process exited.
+
+Restarts in a row wait 0, 1, 2, 5, 10, then 30 s; a SuperNode that stayed up for
+``STABLE_S`` resets the count. Each restart is logged with its reason.
 """
 
 from __future__ import annotations
@@ -24,8 +39,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from node_agent.client_app import AGENT_ADDRESS_KEY
 from node_agent.config import NodeConfig
@@ -34,6 +54,10 @@ log = logging.getLogger(__name__)
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 STOP_TIMEOUT_S = 10.0  # SIGTERM grace for the whole group (Flower's children: 5-8 s)
+INSTANCE_KEY = "ruvdllm-coordinator-instance"  # coordinator.service.INSTANCE_KEY
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # waits before restarts in a row
+STABLE_S = 60.0  # a SuperNode up this long has recovered: the next restart waits nothing
+SUPERVISE_POLL_S = 1.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Run in the child before flower-supernode: have Linux send it SIGTERM when the thread that
 # started it exits (the setting survives exec), give up if the agent is already gone, exec.
@@ -165,3 +189,83 @@ class Supernode:
                 os.killpg(pgid, signal.SIGKILL)
             proc.wait()
         log.info("flower-supernode (pid %d) stopped with %s", proc.pid, proc.returncode)
+
+
+class InstanceWatch(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Reads the coordinator instance id from each answer; calls ``on_change(old, new)`` when
+    it differs from the one seen before. Wrap a channel with ``grpc.intercept_channel``."""
+
+    def __init__(self, on_change: Callable[[str, str], None]) -> None:
+        self.on_change = on_change
+        self.instance: str | None = None
+        self._lock = threading.Lock()
+
+    def _seen(self, call: Any) -> None:
+        metadata = call.initial_metadata() or ()  # None when the call failed before headers
+        value = dict(metadata).get(INSTANCE_KEY)
+        if not isinstance(value, str):
+            return
+        with self._lock:
+            old, self.instance = self.instance, value
+        if old is not None and old != value:
+            self.on_change(old, value)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
+                              request: Any) -> Any:
+        call = continuation(client_call_details, request)
+        self._seen(call)
+        return call
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any,
+                               request: Any) -> Any:
+        call = continuation(client_call_details, request)
+        self._seen(call)  # the coordinator sends the id as the stream opens
+        return call
+
+
+class Supervisor:
+    """Restarts the SuperNode when it exits or the coordinator restarted; run :meth:`run` in
+    a thread that lives as long as the agent (it starts the SuperNodes, see
+    :meth:`Supernode.start`)."""
+
+    def __init__(self, supernode: Supernode, stop: threading.Event,
+                 on_restart: Callable[[int], None] = lambda pid: None,
+                 poll_s: float = SUPERVISE_POLL_S) -> None:
+        self.supernode, self.stop, self.on_restart, self.poll_s = (supernode, stop, on_restart,
+                                                                   poll_s)
+        self.restarts = 0
+        self._in_a_row = 0
+        self._started = time.monotonic()
+        self._reason: str | None = None
+        self._wake = threading.Event()
+
+    def coordinator_restarted(self, old: str, new: str) -> None:
+        """InstanceWatch's callback: ask for a restart (done in the supervisor's thread)."""
+        self._reason = f"coordinator restarted (instance {old[:8]} -> {new[:8]})"
+        self._wake.set()
+
+    def run(self) -> None:
+        """Until ``stop`` is set: restart the SuperNode whenever there is a reason to."""
+        while not self.stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            reason, self._reason = self._reason, None
+            code = self.supernode.returncode()
+            if reason is None and code is not None:
+                reason = f"flower-supernode exited with {code}"
+            if reason is not None and not self.stop.is_set():
+                self._restart(reason)
+
+    def _restart(self, reason: str) -> None:
+        if time.monotonic() - self._started >= STABLE_S:
+            self._in_a_row = 0
+        delay = RESTART_BACKOFF_S[min(self._in_a_row, len(RESTART_BACKOFF_S) - 1)]
+        self._in_a_row += 1
+        log.warning("restarting flower-supernode in %.0f s: %s", delay, reason)
+        if self.stop.wait(delay):
+            return
+        self.supernode.stop()
+        pid = self.supernode.start()
+        self._started = time.monotonic()
+        self.restarts += 1
+        self.on_restart(pid)

@@ -117,3 +117,25 @@ def test_tls_with_init_tls_material(fed, tmp_path):
 def test_non_loopback_plaintext_bind_is_refused(fed):
     with pytest.raises(ValueError, match="clear text"):
         serve(fed.store, "0.0.0.0")
+
+
+def test_every_answer_names_the_service_instance_and_a_restart_draws_a_new_one(fed):
+    from coordinator.service import INSTANCE_KEY
+    from node_agent.supernode import INSTANCE_KEY as NODE_SIDE_KEY
+
+    assert NODE_SIDE_KEY == INSTANCE_KEY  # the node reads what the coordinator writes
+    seen = []
+    for _ in range(2):  # a start, then a restart on the same store
+        running = serve(fed.store)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            _, call = stub.GetAdapter.with_call(pb.GetAdapterRequest(version=0), timeout=10)
+            # the node is up to date: no version comes, yet the id arrives as the stream opens
+            quiet = stub.WatchAdapters(pb.WatchAdaptersRequest(after_version=99), timeout=10)
+            ids = {dict(call.initial_metadata())[INSTANCE_KEY],
+                   dict(quiet.initial_metadata())[INSTANCE_KEY], running.instance}
+            quiet.cancel()
+        running.stop()
+        assert len(ids) == 1
+        seen += ids
+    assert seen[0] != seen[1]

@@ -12,8 +12,9 @@
   version intact.
 * Slow (full federations, run locally): the whole coordinator (daemon, SuperLink, SuperExec,
   ServerApp) SIGKILLed mid-round and restarted resumes from the last version and makes the
-  next one (its SuperNodes must be restarted: flwr 1.41's do not re-register with a
-  restarted SuperLink); a node killed mid-round does not hold the round past its timeout.
+  next one with both nodes' deltas, the node agents running on (flwr 1.41's SuperNodes do
+  not re-register with a restarted SuperLink: the agents restart theirs when they see a new
+  coordinator instance); a node killed mid-round does not hold the round past its timeout.
 """
 
 from __future__ import annotations
@@ -467,14 +468,14 @@ def test_coordinator_sigkilled_mid_round_restarts_and_resumes(tmp_path: Path) ->
         _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in victims), 30, "all dead")
         assert check_state(cfg.state_dir, cfg.key_file) == [1, 2]
         assert _open_round(cfg.state_dir) == 2  # killed mid-round, left open
+        agents = [node.process.pid for node in fed.nodes]
         coordinator = _start_coordinator(cfg, log, "--set", "rounds.num_rounds=1")
-        # flwr 1.41: the restarted SuperLink answers the old SuperNodes' heartbeats with 401
-        # and they never register again, so the nodes are restarted too (same keys).
-        fed._stop_nodes()
-        fed.nodes = [fed._start_node(n.spec, n.cfg) for n in fed.nodes]
-        for node in fed.nodes:
-            fed._wait_ready(node)
+        # flwr 1.41: the restarted SuperLink answers the old SuperNodes with 401 and they
+        # never register again; the agents (not restarted) see the new coordinator instance
+        # and restart their SuperNodes themselves.
         assert coordinator.wait(400) == 0, log.read_text(errors="replace")[-3000:]
+        assert [node.process.pid for node in fed.nodes] == agents
+        assert all(node.process.poll() is None for node in fed.nodes)
         assert check_state(cfg.state_dir, cfg.key_file) == [1, 2, 3]
         store = Store(cfg.state_dir)
         try:
@@ -482,8 +483,13 @@ def test_coordinator_sigkilled_mid_round_restarts_and_resumes(tmp_path: Path) ->
             assert rounds[2].status == "failed" and "abandoned" in (rounds[2].note or "")
             assert rounds[3].status == "merged" and rounds[3].base_version == 2
             assert rounds[3].version == 3
+            merged = {p.node_id for p in store.participants(3) if p.contributed}
+            assert merged == {node.node_id for node in fed.nodes}  # both agents' deltas
         finally:
             store.close()
+        for node in fed.nodes:
+            health = httpx.get(f"{node.cfg.http_url}/health", timeout=10.0).json()
+            assert health["supernode_restarts"] >= 1
         fed.wait_for_version(3, timeout=90)  # the nodes follow the restarted coordinator
     finally:
         for pid in process_tree([coordinator.pid]):
