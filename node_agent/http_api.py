@@ -15,6 +15,12 @@ Every streamed chunk's ``system_fingerprint`` is ``adapter-v<N>``, the version i
 when the chunk was produced; a hot swap waits for the request in flight (see
 :mod:`node_agent.engine`), so every chunk of one answer names the same version.
 
+The answer (and a stream's last chunk, the one with ``finish_reason``) also carries a
+non-standard field ``ruvdllm``: ``{"adapter_version": N, "local_patterns": {"<id>": w}}``,
+the merged adapter version that served it and the node's own TALoRA patterns retrieved for
+it, each with the largest mix weight it had (empty when none was used). OpenAI clients
+ignore unknown fields.
+
 Every refusal is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
 "code"}}``, a ``refusals_total{reason}`` count and a log line giving the reason: malformed
 JSON or fields (400), a body over ``http.max_body_bytes`` (413), a prompt over
@@ -308,6 +314,11 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
         return {"prompt_tokens": prompt, "completion_tokens": final.completion_tokens,
                 "total_tokens": prompt + final.completion_tokens}
 
+    def extension(final: Chunk) -> dict[str, Any]:
+        """The non-standard ``ruvdllm`` field of an answer's last chunk (module docstring)."""
+        return {"adapter_version": final.adapter_version,
+                "local_patterns": {str(pid): w for pid, w in final.local_patterns.items()}}
+
     def sse(job: Job, gen: Generation, cid: str, params: _Params,
             shape: Callable[[str, str | None, bool], dict[str, Any]]) -> StreamingResponse:
         include_usage = bool((params.stream_options or {}).get("include_usage"))
@@ -333,6 +344,7 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
                     if chunk.done:
                         last = shape("", chunk.finish_reason, False)
                         last["system_fingerprint"] = fingerprint
+                        last["ruvdllm"] = extension(chunk)
                         if include_usage:
                             last["usage"] = usage(gen, chunk)
                         yield f"data: {json.dumps(last)}\n\n"
@@ -365,7 +377,8 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
         remember(cid, gen, final.text)
         body = shape(final.text, final.finish_reason, False)
         body.update(usage=usage(gen, final),
-                    system_fingerprint=f"adapter-v{final.adapter_version}")
+                    system_fingerprint=f"adapter-v{final.adapter_version}",
+                    ruvdllm=extension(final))
         return JSONResponse(body)
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -394,7 +407,8 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
             "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
                          "finish_reason": final.finish_reason}],
             "usage": usage(gen, final),
-            "system_fingerprint": f"adapter-v{final.adapter_version}"})
+            "system_fingerprint": f"adapter-v{final.adapter_version}",
+            "ruvdllm": extension(final)})
 
     @app.post("/v1/feedback")
     async def feedback(req: FeedbackRequest, request: Request) -> JSONResponse:

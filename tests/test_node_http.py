@@ -54,6 +54,7 @@ def test_completion_shape_usage_and_determinism(client: TestClient) -> None:
     assert data["usage"]["total_tokens"] == (data["usage"]["prompt_tokens"]
                                              + data["usage"]["completion_tokens"])
     assert data["system_fingerprint"] == "adapter-v0"
+    assert data["ruvdllm"] == {"adapter_version": 0, "local_patterns": {}}  # no TALoRA hook
     again = client.post("/v1/completions", json=body).json()
     assert again["choices"][0]["text"] == choice["text"]  # greedy: same text
 
@@ -91,6 +92,8 @@ def test_stream_matches_non_stream(client: TestClient) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["usage"]["completion_tokens"] > 0
     assert {c["system_fingerprint"] for c in chunks} == {"adapter-v0"}  # on every chunk
+    assert [c["ruvdllm"] for c in chunks if "ruvdllm" in c] == [  # on the last chunk only
+        {"adapter_version": 0, "local_patterns": {}}]
 
 
 def test_chat_stream_deltas(client: TestClient) -> None:

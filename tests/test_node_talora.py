@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from coordinator import config as coordinator_config
 from coordinator.launch import prepare_state
@@ -139,6 +140,20 @@ def test_a_request_on_the_node_domain_retrieves_its_pattern(node: Node) -> None:
     assert node.agent.metrics.snapshot()["local_pattern_requests_total"][()] >= 1
     hook = node.agent.engine.patterns
     assert hook is not None and hook.used == {}  # the query ends with the request
+
+
+def test_http_answers_name_the_local_patterns_used(node: Node) -> None:
+    code = {str(p) for p in patterns_of(node, CODE)}
+    assert code, "the first test stores the CODE patterns"
+    body = {"prompt": CODE_PROMPT, "max_tokens": 8, "steps": 8}
+    with TestClient(node.agent.app) as client:
+        whole = client.post("/v1/completions", json=body).json()["ruvdllm"]
+        stream = client.post("/v1/completions", json={**body, "stream": True}).text
+    assert whole["adapter_version"] == node.agent.adapters.applied
+    assert set(whole["local_patterns"]) == code
+    assert all(0 < w <= 1 for w in whole["local_patterns"].values())
+    last = json.loads([e for e in stream.split("\n\n") if e.startswith("data: {")][-1][6:])
+    assert last["ruvdllm"] == whole
 
 
 def test_the_closest_text_wins_and_the_global_adapter_stays_in_the_mix(node: Node) -> None:
