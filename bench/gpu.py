@@ -9,12 +9,13 @@ Called by the ``inference`` and ``memory`` sections under ``--device cuda``
    dequantized weight first (relative error rows);
 2. agreement: tokens of the fast path against the reference sampler, on the
    default (trained) model in float32 and on the 8B shape in bfloat16;
-3. latency: the naive reference (``Sampler``, no cache, a full forward every
-   step) and the fast path (``FastSampler``: caches, threshold, CUDA graphs) on
-   the 8B shape with random weights, bfloat16 then int4 (W4: every linear and
-   the embedding), interleaved rounds, medians; each cache mode and block
-   length, the best is the headline; the headline once more with the eager
-   element-wise ops instead of the fused kernels.
+3. latency: the naive reference (:func:`naive_generate`: issue #6's definition,
+   eager, a full forward with every position's logits every step) and the fast
+   path (``FastSampler``: caches, threshold, CUDA graphs) on the 8B shape with
+   random weights, bfloat16 then int4 (W4: every linear and the embedding),
+   interleaved rounds, medians; each cache mode and block length, the best is
+   the headline; the headline once more with the eager element-wise ops
+   instead of the fused kernels.
 
 Random weights carry no meaning, so a confidence threshold rarely fires on
 them: the 64-step figure is an upper bound of what a trained model needs.
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -43,8 +45,10 @@ from ruvdllm.runtime import load
 from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig
 
 # (out, in) of every linear of the 8B shape: q/k/v/attn_out, ff_proj/up_proj,
-# ff_out (MLP down), the LM head.
-SHAPES = ((4096, 4096), (12288, 4096), (4096, 12288), (126464, 4096))
+# ff_out (MLP down), the LM head; 12288 x 4096 is also the fused q/k/v product and
+# 24576 x 4096 the fused gate/up product.
+SHAPES = ((4096, 4096), (12288, 4096), (24576, 4096), (4096, 12288), (126464, 4096))
+DEVICE_COPY_TBS = 2.94  # H100 device-to-device copy, bytes read + written (issue #6)
 
 
 def _median_us(fn: Callable[[], object]) -> float:
@@ -57,19 +61,14 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def _dequant_linear(x: torch.Tensor, q: Int4Linear) -> torch.Tensor:
-    """The alternative to the fused kernel: Triton dequantization, then cuBLAS."""
-    from ruvdllm.kernels.weight_only import int4_dequantize  # Triton: CUDA only
-
-    return F.linear(x, int4_dequantize(q.weight, q.scales, x.dtype))
-
-
 def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
     """Time (µs) and error of each weight-only product candidate, per shape and M."""
     from ruvdllm.kernels.weight_only import (  # Triton: CUDA only
-        _CHOICE,
+        _int4_fused,
+        int4_dequantize,
         int4_matmul,
         int8_matmul,
+        uses_dequantize,
     )
 
     rows: list[Row] = []
@@ -85,7 +84,9 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             label = f"N={N},K={K},M={M}"
             if M in (tokens[0], tokens[-1]):
-                for name, y, w in (("int4", int4_matmul(x, q4.weight, q4.scales), w4),
+                for name, y, w in (("int4", _int4_fused(x, q4.weight, q4.scales), w4),
+                                   ("int4_dequant", F.linear(x, int4_dequantize(
+                                       q4.weight, q4.scales, x.dtype)), w4),
                                    ("int8", int8_matmul(x, q8.weight, q8.scales), w8)):
                     rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
                                         _rel_err(y, x.float() @ w.t()), "",
@@ -94,15 +95,17 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
             candidates: dict[str, Callable[[], object]] = {
                 "bf16": partial(F.linear, x, lin.weight),
                 "int4": partial(int4_matmul, x, q4.weight, q4.scales),
-                "int4_dequant": partial(_dequant_linear, x, q4),
+                "int4_fused": partial(_int4_fused, x, q4.weight, q4.scales),
                 "int8": partial(int8_matmul, x, q8.weight, q8.scales),
             }
+            int4_bytes = N * K // 2 + q4.scales.numel() * 2
             for name, fn in candidates.items():
                 us = _median_us(fn)
                 note = ""
-                if name == "int4":  # the first call chose among its candidates
-                    key = next(k for k in _CHOICE if k[1:3] == (N, K) and k[0] >= M)
-                    note = f"chosen: {_CHOICE[key]} (fused/S: S K slices; dequant: + cuBLAS)"
+                if name == "int4":
+                    path = "dequant + cuBLAS" if uses_dequantize(M, q4.weight) else "fused"
+                    note = (f"{path}; weight bytes at {int4_bytes / us / 1e6 / DEVICE_COPY_TBS:.0%}"
+                            f" of {DEVICE_COPY_TBS} TB/s")
                 rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}", us, "us",
                                     note=note))
         del lin, q4, q8, w4, w8
@@ -158,6 +161,16 @@ def _latency(ctx: BenchContext, prefix: str, fn: Callable[[], object], iteration
     return latency_rows(ctx, prefix, t["gen"], batch, tokens)
 
 
+@contextmanager
+def _eager() -> Iterator[None]:
+    """Eager element-wise ops and separate projections (no fused kernels, no fused products)."""
+    model_module.FUSED_KERNELS = model_module.FUSED_PROJECTIONS = False
+    try:
+        yield
+    finally:
+        model_module.FUSED_KERNELS = model_module.FUSED_PROJECTIONS = True
+
+
 def _eager_ms(fn: Callable[[], object], iterations: int) -> float:
     """``fn``'s median ms with the eager element-wise ops (fresh graphs: new sampler)."""
     model_module.FUSED_KERNELS = False
@@ -165,6 +178,32 @@ def _eager_ms(fn: Callable[[], object], iterations: int) -> float:
         return _time({"eager": fn}, iterations)["eager"]
     finally:
         model_module.FUSED_KERNELS = True
+
+
+@torch.no_grad()
+def naive_generate(model: DiffusionLM, prompt: list[int], cfg: SamplerConfig) -> list[int]:
+    """Issue #6's naive reference sampler, at batch 1: the baseline of the speedup goal.
+
+    Every step is a full forward over prompt and answer (no cache) with logits
+    for every position; the block's masked positions with the highest
+    confidence are committed (low-confidence remasking, LLaDA Alg. 4, Nie et
+    al. 2025), ``ceil(masked / steps left)`` per step. Run it under
+    :func:`_eager`: eager PyTorch ops, no graphs.
+    """
+    mcfg = model.config
+    P, G, Tb = len(prompt), cfg.gen_length, cfg.block_length
+    x = torch.tensor([prompt + [mcfg.mask_token_id] * G], device="cuda")  # (1, P + G)
+    per_block = cfg.steps // (G // Tb)
+    for lo in range(P, P + G, Tb):
+        for s in range(per_block):
+            logits = model(x).logits[0, lo:lo + Tb, : mcfg.vocab_size]  # (Tb, V) of (L, V)
+            probs = F.softmax(logits.float(), dim=-1)
+            confidence, pred = probs.max(-1)  # (Tb,)
+            masked = x[0, lo:lo + Tb] == mcfg.mask_token_id
+            k = -(-int(masked.sum()) // (per_block - s))
+            top = torch.where(masked, confidence, -torch.inf).topk(k).indices
+            x[0, lo + top] = pred[top]
+    return x[0, P:].tolist()
 
 
 def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
@@ -184,10 +223,12 @@ def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     rows.append(ctx.row("inference", "llada8b_agreement_pct{cache=none}",
                         _agreement(fast.generate(one, naive), ref_tokens, G), "%",
                         note="bfloat16, random weights, fast path vs reference, same schedule"))
-    ref_ms = _time({"ref": partial(ref_sampler.generate, one, naive)}, its)["ref"]
+    with _eager():
+        ref_ms = _time({"ref": partial(naive_generate, model, one[0], naive)}, its)["ref"]
     rows.append(ctx.row("inference", "llada8b_reference_p50_ms_b1", ref_ms, "ms",
-                        note=f"naive: Sampler, no cache, block {params['naive_block_length']}, "
-                             f"{steps} steps, bfloat16, eager"))
+                        note=f"naive (bench.gpu.naive_generate): full forward every step, logits "
+                             f"for every position, block {params['naive_block_length']}, "
+                             f"{steps} steps, bfloat16, eager ops, no graphs"))
     for quant in ("bf16", "w4"):
         if quant == "w4":
             quantize_model(model, "int4", embedding=True)

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CTRL-style penalty on tokens already present (1 = off; 1.2 measured "
                    "best, docs/model_card.md)")
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
-    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    g.add_argument("--cache", default="none", choices=["none", "prefix", "dual", "delayed"])
     g.add_argument("--early-stop", action="store_true", help="stop once EOS is settled")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--seed", type=int, default=0)

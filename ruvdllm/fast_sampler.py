@@ -22,6 +22,8 @@ threshold), organised so that a step is a fixed sequence of kernels:
 * committing (top-k by confidence, threshold, EOS bookkeeping) is tensor
   arithmetic on the device: no ``.item()``, no ``nonzero`` inside a step;
 * logits are computed for the block's rows only;
+* on CUDA each block computes q/k/v and gate/up as one product each
+  (:meth:`~ruvdllm.model.DiffusionLM.fuse_projections`);
 * on CUDA each distinct step is captured once as a graph (:mod:`ruvdllm.cuda_graph`)
   and replayed. The host reads the device only between steps, and only when a
   threshold or early stop can end a block or the answer early (one flag read).
@@ -84,6 +86,8 @@ class FastSampler:
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.use_graphs and self.device.type != "cuda":
             raise SamplerError("CUDA graphs need the model on a CUDA device")
+        if self.device.type == "cuda":  # one q/k/v and one gate/up product per block
+            model.fuse_projections()
         self.plan: _Plan | None = None
         self.forwards = 0  # steps run by the last call (threshold/early stop lower it)
 

@@ -27,6 +27,9 @@ from ruvdllm.config import ModelConfig
 # Inference on CUDA in 16 bits runs RMSNorm, RoPE and SwiGLU as fused Triton kernels
 # (ruvdllm/kernels/elementwise.py); False keeps the eager ops (the bench times both).
 FUSED_KERNELS = True
+# Blocks use their fused q/k/v and gate/up products once built (Block.fuse_projections);
+# False uses the separate projections (the bench's eager naive reference).
+FUSED_PROJECTIONS = True
 
 
 def _fused(x: Tensor) -> bool:
@@ -134,6 +137,65 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+class FusedProjection:
+    """One linear computing several projections of a block side by side.
+
+    At a cached denoising step each projection is a small product (32-64 rows)
+    bound by its weight bytes and its launch; q/k/v (and gate/up) read the same
+    input, so one product over their concatenated weights moves the same bytes
+    in fewer, larger launches with more column tiles in flight. The parts keep
+    their modules and names (checkpoints load and save unchanged); their weights
+    become row slices (views) of the fused weight, so nothing is stored twice.
+    Not a submodule: it is never saved, and it is used only while every part
+    is still the module it was built from, holding the same storage.
+    """
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        from ruvdllm.quant import Int4Linear, QuantizedLinear  # quant imports this module
+
+        first = parts[0]
+        self.parts = parts
+        self.sizes = [cast(int, p.out_features) for p in parts]
+        weight = torch.cat([cast(Tensor, p.weight).detach() for p in parts])  # (sum N, ...)
+        bias = None
+        if first.bias is not None:
+            bias = nn.Parameter(torch.cat([cast(Tensor, p.bias).detach() for p in parts]),
+                                requires_grad=False)
+        bounds = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        self.linear: nn.Module
+        if isinstance(first, QuantizedLinear):
+            scales = torch.cat([cast(Tensor, p.scales) for p in parts])  # (sum N, ...)
+            self.linear = type(first)(first.in_features, weight.shape[0], weight, scales, bias)
+            for p, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
+                p.weight, p.scales = weight[lo:hi], scales[lo:hi]
+                if isinstance(p, Int4Linear):
+                    p._kernel = None  # its derived CPU-kernel copy is of the old storage
+        else:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            linear.bias = bias
+            self.linear = linear
+            for p, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
+                p.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
+        self._ptrs = [cast(Tensor, p.weight).data_ptr() for p in parts]
+
+    @staticmethod
+    def fusable(parts: list[nn.Module]) -> bool:
+        """Plain or quantized linears of one type, input, dtype and bias presence."""
+        from ruvdllm.quant import Int4Linear, Int8Linear
+
+        kind = type(parts[0])
+        return (kind in (nn.Linear, Int4Linear, Int8Linear)
+                and all(type(p) is kind for p in parts)
+                and len({(p.in_features, cast(Tensor, p.weight).dtype, p.bias is None)
+                         for p in parts}) == 1)
+
+    def valid(self, parts: list[nn.Module]) -> bool:
+        """Whether ``parts`` are still the fused modules, holding the fused storage."""
+        return all(p is q and cast(Tensor, p.weight).data_ptr() == ptr
+                   for p, q, ptr in zip(parts, self.parts, self._ptrs, strict=True))
+
+
 class Block(nn.Module):
     """Pre-norm attention + SwiGLU MLP; names match LLaDA's LLaDALlamaBlock."""
 
@@ -152,15 +214,35 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.residual_dropout)
+        self._fused: dict[str, FusedProjection] = {}
+
+    def fuse_projections(self) -> None:
+        """Build (or rebuild, if the parts changed) the fused q/k/v and gate/up products."""
+        for key, names in _FUSED_GROUPS.items():
+            parts = [getattr(self, n) for n in names]
+            if self._fused_for(key) is None and FusedProjection.fusable(parts):
+                self._fused[key] = FusedProjection(parts)
+
+    def _fused_for(self, key: str) -> FusedProjection | None:
+        """The fused product ``key`` if it still stands for this block's modules."""
+        fused = self._fused.get(key) if FUSED_PROJECTIONS else None
+        if fused is None or not fused.valid([getattr(self, n) for n in _FUSED_GROUPS[key]]):
+            return None
+        return fused
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries ``(B, H, T, hd)`` and keys/values ``(B, Hkv, T, hd)``, RoPE applied."""
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(h).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(h).view(B, T, Hkv, hd).transpose(1, 2)
+        fused = self._fused_for("qkv")
+        if fused is not None:
+            q, k, v = fused.linear(h).split(fused.sizes, dim=-1)  # (B, T, d), 2 x (B, T, kv)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend_and_mlp(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
@@ -172,7 +254,16 @@ class Block(nn.Module):
         att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
         x = x + self.dropout(self.attn_out(att))
         h = self.ff_norm(x)
-        return x + self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
+        fused = self._fused_for("gate_up")
+        if fused is None:
+            act = swiglu(self.ff_proj(h), self.up_proj(h))
+        elif _fused(h):
+            from ruvdllm.kernels.elementwise import swiglu_halves  # Triton: CUDA only
+
+            act = swiglu_halves(fused.linear(h))  # (B, T, 2F) -> (B, T, F)
+        else:
+            act = swiglu(*fused.linear(h).split(fused.sizes, dim=-1))
+        return x + self.dropout(self.ff_out(act))
 
     def forward(
         self,
@@ -201,6 +292,10 @@ class Block(nn.Module):
         keys.index_copy_(2, index, k)
         values.index_copy_(2, index, v)
         return self._attend_and_mlp(x, q, keys, values, attn_mask)
+
+
+# Projections of a block that read the same input: fused by Block.fuse_projections.
+_FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("ff_proj", "up_proj")}
 
 
 class Transformer(nn.Module):
@@ -249,6 +344,18 @@ class DiffusionLM(nn.Module):
                 nn.init.normal_(p, std=std / (2 * self.config.n_layers) ** 0.5)
             else:
                 nn.init.normal_(p, std=std)
+
+    def fuse_projections(self) -> None:
+        """One q/k/v and one gate/up product per block (:class:`FusedProjection`).
+
+        For inference: the fast path calls it on CUDA. Parameters keep their
+        names and shapes but become views of the fused weights, so a state dict
+        taken afterwards shares storage between them (``save_checkpoint`` copies
+        to CPU first, which separates them on a CUDA model); the parts' parameters
+        are frozen (``requires_grad=False``).
+        """
+        for block in cast(list[Block], list(self.transformer.blocks)):
+            block.fuse_projections()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -124,17 +124,38 @@ def test_weight_only_kernels_match_dequantized_product(scheme, M, N, K):
 
 
 @cuda
-@pytest.mark.parametrize("M,N,K", [(32, 256, 512), (7, 96, 64), (300, 512, 384)])
-def test_every_int4_candidate_matches_dequantized_product(M, N, K):
-    from ruvdllm.kernels.weight_only import _int4_candidates
+@pytest.mark.parametrize("M,N,K", [(32, 256, 512), (7, 96, 64), (64, 512, 8192),
+                                   (300, 512, 384), (48, 20480, 256)])
+def test_every_int4_path_matches_dequantized_product(M, N, K):
+    import torch.nn.functional as F
+
+    from ruvdllm.kernels.weight_only import _int4_fused, int4_dequantize
 
     torch.manual_seed(M * N)
     q = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"), 32)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ q.dequantize(torch.float64).t()
-    for name, fn in _int4_candidates(x, q.weight, q.scales).items():
-        y = fn()
+    exact = q.dequantize(torch.bfloat16)
+    assert torch.equal(int4_dequantize(q.weight, q.scales, torch.bfloat16), exact)
+    for name, y in (("fused", _int4_fused(x, q.weight, q.scales)),
+                    ("dequant", F.linear(x, int4_dequantize(q.weight, q.scales, x.dtype)))):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+
+
+def test_fused_projections_keep_outputs_and_names():
+    model = tiny_model()
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        before, names = model(ids).logits, list(model.state_dict())
+        model.fuse_projections()
+        assert torch.equal(model(ids).logits, before) and list(model.state_dict()) == names
+        block = model.transformer.blocks[0]
+        assert block.q_proj.weight.data_ptr() == block._fused["qkv"].linear.weight.data_ptr()
+        quantize_model(model, "int4")  # new modules: the stale fused products are not used
+        quantized = model(ids).logits
+        model.fuse_projections()
+        assert isinstance(block._fused["gate_up"].linear, Int4Linear)
+        assert torch.equal(model(ids).logits, quantized)
 
 
 @cuda

@@ -85,6 +85,26 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore
     tl.store(y_ptr + i, (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=ok)
 
 
+@triton.jit
+def _swiglu_halves_kernel(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    row = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < F
+    g = tl.load(gu_ptr + row * 2 * F + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * F + F + i, mask=ok, other=0.0)
+    act = (g * tl.sigmoid(g)).to(u.dtype)
+    tl.store(y_ptr + row * F + i, (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=ok)
+
+
+def swiglu_halves(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of a fused gate/up product ``(..., 2F)``: gate first, then up."""
+    F2 = gate_up.shape[-1]
+    gu = gate_up.reshape(-1, F2).contiguous()  # (rows, 2F)
+    y = torch.empty(gu.shape[0], F2 // 2, dtype=gu.dtype, device=gu.device)
+    _swiglu_halves_kernel[(gu.shape[0], triton.cdiv(F2 // 2, 1024))](gu, y, F2 // 2, BLOCK=1024)
+    return y.view(*gate_up.shape[:-1], F2 // 2)
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` (Shazeer 2020), both contiguous and of one 16-bit dtype."""
     gate, up = gate.contiguous(), up.contiguous()

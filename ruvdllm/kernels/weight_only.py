@@ -12,24 +12,28 @@ bytes (the idea of Marlin, Frantar et al. 2024, here in Triton).
 Why not torch's packed kernel: ``_weight_int4pack_mm`` measured slower than
 bfloat16 on the H100 at these shapes (issue #6, docs/decisions.md).
 
-int4 kernel, built for small ``M`` (docs/decisions.md has the measurements):
+int4 kernel, built for the 32-64 rows of a cached step (measurements in
+docs/decisions.md):
 
-* **split-K** (optional): at ``M`` = 32 a 4096-wide output has only 32 tiles of
-  128 columns; the K range can be cut into ``SPLIT_K`` slices whose partial
-  products are added with fp32 atomics (the split-K / stream-K idea of CUTLASS;
-  Osama et al. 2023);
-* **128 columns per iteration**: 64 contiguous bytes of each weight row per
-  load; each group's scale multiplies its 32 (or 64, 128) decoded values in
-  registers, rounded as :func:`ruvdllm.quant.dequantize_int4` rounds;
-* **a choice per shape** (:func:`int4_matmul`): the split, or a Triton
-  dequantization followed by cuBLAS, whichever times fastest on the first call;
-* **no int-to-float conversion**: a nibble ``v`` (signed) becomes ``u = v + 8``
-  by flipping its top bit, and the 16-bit pattern ``MAGIC | u`` is the float
-  ``BIAS + u`` (bfloat16: 0x4300 = 128, fp16: 0x6400 = 1024, both exact for
-  u < 16), so ``v = float(MAGIC | u) - (BIAS + 8)``: integer bit operations and
-  one subtraction (the trick of FasterTransformer's and Marlin's int4 decoders);
-* the two nibbles of a byte are interleaved back into column order in registers
-  (``tl.interleave``), so the activation tile is loaded as it lies.
+* **decoding is the bottleneck, not bytes**: decoded one value at a time
+  (shift, mask, convert, subtract, scale: ~8 instructions per weight) the
+  kernel ran at 10-25% of memory bandwidth whatever its tiles. Here one
+  inline-PTX call decodes 4 bytes (8 values) with 32-bit and paired 16-bit
+  instructions (``prmt`` spreads two bytes into the halves of a register, a
+  mask and an OR put a nibble ``u`` under the exponent of ``BIAS``, so the
+  16-bit pattern is the float ``BIAS + u``; one paired FMA subtracts ``BIAS + 8``,
+  one multiplies by the scale): ~2.6 instructions per weight (the
+  magic-number decoding of FasterTransformer's and Marlin's int4 kernels);
+  the result is rounded as :func:`ruvdllm.quant.dequantize_int4` rounds;
+* **swapped operands** (``yᵀ = W xᵀ``): the weight tile is the left operand
+  of ``tl.dot``, so the stored row-major layout is read as it lies (16-byte
+  loads along K) and the small M is the product's narrow side;
+* **one tile of rows** covers M (≤ 64), so each weight tile is decoded once;
+* **fixed tiles per shape** (:func:`_int4_config`), measured on the H100 for
+  the 8B shapes; split-K with float32 atomics (the split-K idea of CUTLASS)
+  only where a long K leaves few column tiles;
+* from 128 rows a Triton dequantization followed by cuBLAS (the product is no
+  longer bound by weight bytes), where the transient 16-bit weight is small.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)
@@ -37,7 +41,6 @@ int4 kernel, built for small ``M`` (docs/decisions.md has the measurements):
 
 import inspect
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -54,14 +57,6 @@ _CONFIGS = [
         (16, 32, 256, 4, 4), (32, 32, 256, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3),
         (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 128, 8, 3),
         (128, 256, 64, 8, 3),
-    ]
-]
-# int4 (K is walked one group at a time): (BLOCK_M, BLOCK_N, warps, stages).
-_INT4_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4),
-        (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3),
     ]
 ]
 _L2_FLUSH_BYTES = 64 << 20  # more than the H100's 50 MB L2
@@ -100,82 +95,102 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 1).bit_length()
 
 
-def _prune_int4(configs: list[triton.Config], named_args: dict[str, Any],
-                **_: Any) -> list[triton.Config]:
-    """Row tiles no taller than the (bucketed) M, at least 32 rows from M = 128 on."""
-    m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)
-            and (m <= 64 or c.kwargs["BLOCK_M"] >= 32)]
-    return kept or configs
+def _decode_asm(dtype: torch.dtype) -> str:
+    """Inline PTX decoding 4 int4-packed bytes ($4) with their scales ($5, $6).
+
+    Outputs: $0/$1 the low nibbles of bytes 0-1 / 2-3, $2/$3 the high nibbles,
+    each a pair of 16-bit floats ``(v) * scale``; ``v = u - 8`` where ``u`` is
+    the nibble after flipping its top bit (so the signed nibble ``v`` maps to
+    ``u = v + 8`` in 0..15, exact as ``BIAS + u``).
+    """
+    if dtype == torch.bfloat16:  # BIAS 128: 0x4300; 1.0; -(128 + 8); -0.0
+        magic, one, bias, neg_zero, fma = "0x43004300", "0x3F803F80", "0xC308C308", \
+            "0x80008000", "fma.rn.bf16x2"
+    else:  # float16, BIAS 1024: 0x6400; 1.0; -(1024 + 8); -0.0
+        magic, one, bias, neg_zero, fma = "0x64006400", "0x3C003C00", "0xE408E408", \
+            "0x80008000", "fma.rn.f16x2"
+    lines = [
+        "{", ".reg .b32 r, t0, t1, a, one, bias, nz, z;",
+        f"mov.b32 one, {one};", f"mov.b32 bias, {bias};", f"mov.b32 nz, {neg_zero};",
+        "mov.b32 z, 0;",
+        "xor.b32 r, $4, 0x88888888;",  # every nibble v -> v + 8
+        "prmt.b32 t0, r, z, 0x4140;",  # bytes 0, 1 into the two 16-bit halves
+        "prmt.b32 t1, r, z, 0x4342;",  # bytes 2, 3
+    ]
+    for out, src, scale in (("$0", "t0", "$5"), ("$1", "t1", "$6"), ("$2", "t0", "$5"),
+                            ("$3", "t1", "$6")):
+        if out == "$2":
+            lines += ["shr.b32 t0, t0, 4;", "shr.b32 t1, t1, 4;"]  # the high nibbles
+        lines += [f"and.b32 a, {src}, 0x000F000F;", f"or.b32 a, a, {magic};",
+                  f"{fma} a, a, one, bias;", f"{fma} {out}, a, {scale}, nz;"]
+    return "\n".join([*lines, "}"])
+
+
+_ASM = {torch.bfloat16: _decode_asm(torch.bfloat16), torch.float16: _decode_asm(torch.float16)}
 
 
 @triton.jit
 def _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn,  # type: ignore[no-untyped-def]
-               DTYPE: tl.constexpr, GROUP: tl.constexpr, GPI: tl.constexpr,
-               MAGIC: tl.constexpr, BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Weight tile ``(BLOCK_N, GROUP * GPI)`` of iteration ``it``, dequantized to DTYPE."""
-    BK: tl.constexpr = GROUP * GPI
-    rj = tl.arange(0, BK // 2)  # byte columns of the tile
-    p = tl.load(w_ptr + rn[:, None] * stride_wn + (it * (BK // 2) + rj)[None, :],
+               DTYPE: tl.constexpr, ASM: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile ``(BLOCK_N, BLOCK_K)`` of K iteration ``it``, dequantized to DTYPE."""
+    rj = tl.arange(0, BLOCK_K // 2)
+    rg = tl.arange(0, BLOCK_K // GROUP)
+    p = tl.load(w_ptr + rn[:, None] * stride_wn + (it * (BLOCK_K // 2) + rj)[None, :],
                 mask=n_ok[:, None], other=0)  # (BN, BK/2) uint8, two nibbles each
-    u = p.to(tl.uint16) ^ 0x88  # each nibble v -> v + 8 in 0..15
-    low = ((u & 0xF) | MAGIC).to(tl.uint16).to(DTYPE, bitcast=True)  # BIAS + v + 8, exact
-    high = ((u >> 4) | MAGIC).to(tl.uint16).to(DTYPE, bitcast=True)
-    q = (tl.interleave(low, high) - (BIAS + 8)).to(DTYPE)  # (BN, BK) the integers v
-    s = tl.load(s_ptr + rn[:, None] * stride_sn + (it * GPI + tl.arange(0, GPI))[None, :],
-                mask=n_ok[:, None], other=0.0).to(DTYPE)  # (BN, GPI)
-    w = tl.reshape(q, (BLOCK_N, GPI, GROUP)) * s[:, :, None]  # rounded as dequantize_int4
-    return tl.reshape(w.to(DTYPE), (BLOCK_N, BK))
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + (it * (BLOCK_K // GROUP) + rg)[None, :],
+                mask=n_ok[:, None], other=0.0).to(DTYPE)  # (BN, BK/G)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)),
+                   (BLOCK_N, BLOCK_K // 2))  # (BN, BK/2): each byte's scale
+    low, high = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [p, s],
+                                          dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # columns 2j, 2j+1 interleaved
 
 
-@triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": _prune_int4},
-                 reset_to_zero=["y_ptr"], **_TUNE)
 @triton.jit
-def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, M_BUCKET,  # type: ignore[no-untyped-def]
-                 stride_xm, stride_wn, stride_sn, stride_ym,
-                 GROUP: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
-                 MAGIC: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+                 stride_xm, stride_wn, stride_sn, stride_ym, SPLIT_K,
+                 ASM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    BK: tl.constexpr = GROUP * GPI
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
-    iters = K // BK
+    m_ok = rm < M
+    iters = K // BLOCK_K
     per_split = tl.cdiv(iters, SPLIT_K)
     it_lo = pid_k * per_split
     it_hi = tl.minimum(it_lo + per_split, iters)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for it in range(it_lo, it_hi):
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (it * BK + rk)[None, :],
-                    mask=m_ok[:, None], other=0.0)  # (BM, BK)
-        w = _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, x.dtype, GROUP, GPI,
-                       MAGIC, BIAS, BLOCK_N)
-        acc = tl.dot(x, tl.trans(w), acc)
-    y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        w = _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn,
+                       x_ptr.dtype.element_ty, ASM, GROUP, BLOCK_N, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (it * BLOCK_K + rk)[:, None],
+                     mask=m_ok[None, :], other=0.0)  # (BK, BM)
+        acc = tl.dot(w, xt, acc)
+    y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    ok = n_ok[:, None] & m_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y, acc, mask=ok)
     else:
-        tl.atomic_add(y, acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]
-                         stride_wn, stride_sn, GROUP: tl.constexpr, GPI: tl.constexpr,
-                         MAGIC: tl.constexpr, BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         stride_wn, stride_sn, ASM: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole weight ``(N, K)`` dequantized (for large M: then one cuBLAS product)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     it = tl.program_id(1)
-    BK: tl.constexpr = GROUP * GPI
     n_ok = rn < N
     w = _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, y_ptr.dtype.element_ty,
-                   GROUP, GPI, MAGIC, BIAS, BLOCK_N)
-    tl.store(y_ptr + rn[:, None] * K + (it * BK + tl.arange(0, BK))[None, :], w,
+                   ASM, GROUP, BLOCK_N, BLOCK_K)
+    tl.store(y_ptr + rn[:, None] * K + (it * BLOCK_K + tl.arange(0, BLOCK_K))[None, :], w,
              mask=n_ok[:, None])
 
 
@@ -207,34 +222,50 @@ def _grid(M: int, N: int):  # type: ignore[no-untyped-def]
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
 
-# bfloat16 / float16 bit pattern whose low 4 mantissa bits hold an integer u: BIAS + u.
-_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+def _int4_config(m: int, N: int, K: int) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split)`` of the fused kernel.
+
+    Measured on the H100 for the 8B shapes (bench/int4_sweep.py; docs/decisions.md):
+    up to 32 rows, 32-column tiles 256 wide in K keep enough programs in flight,
+    except for the wide products (fused gate/up, LM head: 64 x 128); at 64 rows
+    64-column tiles; the long-K product (MLP down, K = 12 288) splits K in two.
+    """
+    wide = N >= 20_000
+    if m <= 32:
+        bm = max(16, _bucket(m))
+        return (bm, 64, 128, 4, 4, 1) if wide else (bm, 32, 256, 4, 4, 1)
+    if m <= 64:
+        if wide:
+            return 64, 64, 128, 4, 3, 1
+        return (64, 64, 256, 4, 3, 2) if K >= 8192 else (64, 64, 256, 4, 4, 1)
+    return 128, 64, 128, 8, 3, 1
 
 
-def _groups_per_iter(K: int, group: int) -> int:
-    """Groups per loop iteration: 128 columns (64 contiguous bytes of a row) where K allows."""
-    gpi = max(128 // group, 1)
-    while gpi > 1 and K % (group * gpi):
-        gpi //= 2
-    return gpi
+def _block_k(K: int, group: int, want: int) -> int:
+    """The largest K tile up to ``want`` that divides K and holds whole groups."""
+    bk = want
+    while bk > group and K % bk:
+        bk //= 2
+    if K % bk or bk % group:
+        raise ValueError(f"int4 kernel: K={K} is no multiple of the group size {group}")
+    return bk
 
 
-def _int4_fused(x: Tensor, packed: Tensor, scales: Tensor, split: int) -> Tensor:
-    """The fused kernel with ``split`` K slices (float32 atomics when more than one)."""
+def _int4_fused(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    """The fused kernel (float32 atomics where its configuration splits K)."""
     M, K = x.shape
     N = packed.shape[0]
     group = K // scales.shape[1]
+    bm, bn, bk, warps, stages, split = _int4_config(M, N, K)
+    bk = _block_k(K, group, bk)
+    split = min(split, K // bk)
     y = (torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1
          else torch.empty(M, N, dtype=x.dtype, device=x.device))
-    magic, bias = _MAGIC[x.dtype]
-
-    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
-        return (triton.cdiv(N, meta["BLOCK_N"]), split, triton.cdiv(M, meta["BLOCK_M"]))
-
-    _int4_kernel[grid](x, packed, scales, y, M, N, K, _bucket(M),
-                       x.stride(0), packed.stride(0), scales.stride(0), y.stride(0),
-                       GROUP=group, GPI=_groups_per_iter(K, group), SPLIT_K=split,
-                       MAGIC=magic, BIAS=bias)
+    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+    _int4_kernel[grid](x, packed, scales, y, M, N, K, x.stride(0), packed.stride(0),
+                       scales.stride(0), y.stride(0), split, ASM=_ASM[x.dtype], GROUP=group,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ATOMIC=split > 1,
+                       num_warps=warps, num_stages=stages)
     return y.to(x.dtype)
 
 
@@ -242,57 +273,37 @@ def int4_dequantize(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> Tenso
     """The int4 weight as ``(N, K)`` of ``dtype`` (16-bit), decoded as the fused kernel does."""
     N, K = packed.shape[0], packed.shape[1] * 2
     group = K // scales.shape[1]
-    gpi = _groups_per_iter(K, group)
+    bk = _block_k(K, group, 128)
     y = torch.empty(N, K, dtype=dtype, device=packed.device)
-    magic, bias = _MAGIC[dtype]
-    _int4_dequant_kernel[(triton.cdiv(N, 64), K // (group * gpi))](
-        packed, scales, y, N, K, packed.stride(0), scales.stride(0), GROUP=group, GPI=gpi,
-        MAGIC=magic, BIAS=bias, BLOCK_N=64)
+    _int4_dequant_kernel[(triton.cdiv(N, 64), K // bk)](
+        packed, scales, y, N, K, packed.stride(0), scales.stride(0), ASM=_ASM[dtype],
+        GROUP=group, BLOCK_N=64, BLOCK_K=bk)
     return y
 
 
-def _int4_candidates(x: Tensor, packed: Tensor,
-                     scales: Tensor) -> dict[str, Callable[[], Tensor]]:
-    """Ways to compute one product: the fused kernel per split, dequantize + cuBLAS."""
-    K = x.shape[1]
-    iters = K // (K // scales.shape[1] * _groups_per_iter(K, K // scales.shape[1]))
-    out: dict[str, Callable[[], Tensor]] = {
-        f"fused/{s}": partial(_int4_fused, x, packed, scales, s)
-        for s in (1, 2, 4, 8) if s == 1 or iters // s >= 2}
-    # A transient 16-bit copy of the weight; below 128 rows it measured slower inside the
-    # step graphs than the fused kernel, although it can time faster alone (decisions.md).
-    if x.shape[0] >= 128 and packed.numel() * 4 <= _DEQUANT_MAX_BYTES:
-        out["dequant"] = lambda: F.linear(x, int4_dequantize(packed, scales, x.dtype))
-    return out
+# Largest transient 16-bit weight of the dequantize path: every linear of the 8B shape
+# (fused q/k/v and gate/up too) but the LM head (1 GB), where the fused kernel is used.
+_DEQUANT_MAX_BYTES = 256 << 20
+_DEQUANT_MIN_ROWS = 128  # below, the fused kernel measured faster inside the step graphs
 
 
-# Largest transient 16-bit weight of the dequantize candidate: every linear of the 8B
-# shape but the LM head (1 GB), whose fused kernel wins at a step's M anyway.
-_DEQUANT_MAX_BYTES = 128 << 20
-_CHOICE: dict[tuple[int, int, int, torch.dtype], str] = {}
+def uses_dequantize(m: int, packed: Tensor) -> bool:
+    """Whether :func:`int4_matmul` dequantizes for cuBLAS at ``m`` rows."""
+    return m >= _DEQUANT_MIN_ROWS and packed.numel() * 4 <= _DEQUANT_MAX_BYTES
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     """``x`` ``(M, K)`` times the int4 weight ``(N, K/2)`` transposed: ``(M, N)`` in x's dtype.
 
-    The first call of a shape (M to the next power of two, N, K) times every
-    candidate of :func:`_int4_candidates` and keeps the fastest: which split of K,
-    or whether dequantizing for cuBLAS wins, depends on the shape and the GPU
-    (docs/decisions.md). A shape first met while a CUDA graph is being captured
-    takes the fused kernel unsplit (timing is impossible there; the fast path's
-    warm-up run meets every shape first).
+    The fused kernel up to 127 rows (and for weights too large to dequantize);
+    from 128 rows Triton dequantization followed by cuBLAS.
     """
-    if x.dtype not in _MAGIC:
+    if x.dtype not in _ASM:
         raise ValueError(f"int4_matmul takes bfloat16 or float16 activations, got {x.dtype}")
     x = x.contiguous()
-    key = (_bucket(x.shape[0]), packed.shape[0], x.shape[1], x.dtype)
-    candidates = _int4_candidates(x, packed, scales)
-    if key not in _CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return _int4_fused(x, packed, scales, 1)
-        times = {name: _quick_bench(fn)[0] for name, fn in candidates.items()}
-        _CHOICE[key] = min(times, key=lambda name: times[name])
-    return candidates[_CHOICE[key]]()
+    if uses_dequantize(x.shape[0], packed):
+        return F.linear(x, int4_dequantize(packed, scales, x.dtype))
+    return _int4_fused(x, packed, scales)
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
