@@ -123,14 +123,18 @@ def compress_tensor(name: str, y: np.ndarray, density: float) -> pb.TensorDelta:
     )
 
 
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127.0  # larger: 127 x scale overflows float32
+
+
 def decompress_tensor(t: pb.TensorDelta) -> np.ndarray:
     """Dense float32 tensor of a TensorDelta; InvalidDelta if the fields disagree."""
     shape = tuple(int(s) for s in t.shape)
     if not shape or min(shape) < 1 or math.prod(shape) > MAX_TENSOR_ELEMENTS:
         raise InvalidDelta(f"tensor {t.name!r} has invalid shape {shape}")
     size = math.prod(shape)
-    if not math.isfinite(t.scale) or t.scale < 0:
-        raise InvalidDelta(f"tensor {t.name!r} has invalid scale {t.scale}")
+    if not 0.0 <= t.scale <= _MAX_SCALE:  # also refuses NaN
+        raise InvalidDelta(f"tensor {t.name!r} has invalid scale {t.scale}: a delta's scale "
+                           f"must lie in [0, {_MAX_SCALE:.3g}] so that 127 x scale is a float32")
     q = np.frombuffer(t.values, dtype=np.int8)
     if (q == -128).any():
         raise InvalidDelta(f"tensor {t.name!r} has an int8 value outside [-127, 127]")
