@@ -12,8 +12,9 @@ averageable.
 Training runs on :func:`ruvdllm.lora.base_view` of the model, a twin that
 shares the weights but not the modules, so the caller's model (which may be
 serving requests with its own adapter mix) is never touched. Making a twin
-deep-copies the module tree (~0.09 s for the default model), so twins are kept
-per model and made again only when the model's parameters change (another
+deep-copies the module tree (20 ms for the int8 default model, against
+0.6 ms to find a kept one), so twins are kept
+per model and made again only when the model's tensors change (another
 tensor or another storage, e.g. after quantizing or moving it): one for
 embeddings (eval mode, shared by concurrent calls) and one for training (LoRA
 attached for the call and detached after, used by one call at a time).
@@ -56,11 +57,12 @@ _VIEWS_LOCK = threading.Lock()
 def _cached_view(model: DiffusionLM, kind: str) -> _View:
     """The ``kind`` twin of ``model``, made again if its parameters are no longer the twin's.
 
-    The signature is (object id, storage address) of every parameter: LoRA wrappers add
-    none, so attaching adapters to ``model`` keeps the twin, while quantizing (new modules)
-    or moving it to another device (new storage) makes a new one.
+    The signature is (object id, storage address) of every parameter and buffer (quantized
+    weights are buffers): LoRA wrappers add none, so attaching adapters to ``model`` keeps
+    the twin, while quantizing (new modules) or moving it to another device (new storage)
+    makes a new one.
     """
-    signature = tuple((id(p), p.data_ptr()) for p in model.parameters())
+    signature = tuple((id(t), t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
     with _VIEWS_LOCK:
         views = _VIEWS.setdefault(model, {})
         view = views.get(kind)
