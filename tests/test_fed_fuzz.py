@@ -45,10 +45,7 @@ VALID = _valid_encodings()
 
 
 def decodes_cleanly(data: bytes) -> None:
-    """decode_delta returns a consistent result or raises InvalidDelta; anything else fails.
-
-    (Finiteness is not asserted here: see test_overflowing_scale_is_refused.)
-    """
+    """decode_delta returns a consistent result or raises InvalidDelta; anything else fails."""
     try:
         decoded = decode_delta(data)
     except InvalidDelta:
@@ -60,6 +57,7 @@ def decodes_cleanly(data: bytes) -> None:
     for bank, tensors in decoded.tensors.items():
         for name, array in tensors.items():
             assert array.dtype == np.float32 and array.shape == shapes[(bank, name)]
+            assert np.isfinite(array).all()
 
 
 def test_valid_encodings_decode():
@@ -106,10 +104,8 @@ def test_truncated_valid_encodings(valid, cut):
     raise AssertionError(f"a {len(data)}-byte prefix of a {len(valid)}-byte delta decoded")
 
 
-@pytest.mark.xfail(strict=True, reason="codec accepts a finite scale whose products overflow "
-                   "float32 (found by test_mutated_valid_encodings: one bit flip in `scale`); "
-                   "the Validator's NON_FINITE check refuses the result downstream")
-def test_overflowing_scale_is_refused():
+def test_overflowing_scale_is_refused() -> None:
+    """Found by test_mutated_valid_encodings: one bit flip in `scale` overflowed float32."""
     message = pb.LoRADelta.FromString(VALID[0])
     message.banks[0].tensors[0].scale = 1e37  # finite, but 127 × 1e37 is not a float32
     with pytest.raises(InvalidDelta):
