@@ -27,8 +27,13 @@ failed, retrying", forever. So the agent restarts it (same key, same port) when
   registered, so the new SuperNode can register at once);
 * or the SuperNode process exited.
 
-Restarts in a row wait 0, 1, 2, 5, 10, then 30 s; a SuperNode that stayed up for
-``STABLE_S`` resets the count. Each restart is logged with its reason.
+Restarts in a row wait 0, 1, 2, 5, 10, then 30 s, and one after an exit at least
+``EXIT_DELAY_S`` (Flower gives up on an unreachable or refusing SuperLink, e.g. an
+unenrolled node, after its own retries; meanwhile ``/health`` shows the exit status); a
+SuperNode that stayed up for ``STABLE_S`` resets the count. Every Flower error exits with
+status 1 (the Flower code, e.g. ``Exit Code: 305``, is only in its log), so exits are not
+told apart: a misconfigured SuperNode is retried every ~35 s, and a refused one joins once
+its key is enrolled. Each restart is logged with its reason.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 STOP_TIMEOUT_S = 10.0  # SIGTERM grace for the whole group (Flower's children: 5-8 s)
 INSTANCE_KEY = "ruvdllm-coordinator-instance"  # coordinator.service.INSTANCE_KEY
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # waits before restarts in a row
+EXIT_DELAY_S = 5.0  # least wait before restarting a SuperNode that exited
 STABLE_S = 60.0  # a SuperNode up this long has recovered: the next restart waits nothing
 SUPERVISE_POLL_S = 1.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -251,19 +257,22 @@ class Supervisor:
             self._wake.clear()
             reason, self._reason = self._reason, None
             code = self.supernode.returncode()
+            least = 0.0
             if reason is None and code is not None:
-                reason = f"flower-supernode exited with {code}"
+                reason = f"flower-supernode exited with {code} (log: {self.supernode.log_path})"
+                least = EXIT_DELAY_S
             if reason is not None and not self.stop.is_set():
-                self._restart(reason)
+                self._restart(reason, least)
 
-    def _restart(self, reason: str) -> None:
+    def _restart(self, reason: str, least: float) -> None:
         if time.monotonic() - self._started >= STABLE_S:
             self._in_a_row = 0
-        delay = RESTART_BACKOFF_S[min(self._in_a_row, len(RESTART_BACKOFF_S) - 1)]
+        delay = max(least, RESTART_BACKOFF_S[min(self._in_a_row, len(RESTART_BACKOFF_S) - 1)])
         self._in_a_row += 1
         log.warning("restarting flower-supernode in %.0f s: %s", delay, reason)
         if self.stop.wait(delay):
             return
+        self._reason = None  # the SuperNode started now meets the coordinator of now
         self.supernode.stop()
         pid = self.supernode.start()
         self._started = time.monotonic()

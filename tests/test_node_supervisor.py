@@ -78,10 +78,13 @@ def test_a_new_coordinator_instance_restarts_the_supernode(tmp_path, supervised,
     assert "coordinator restarted" in caplog.text
 
 
-def test_a_supernode_that_exits_is_restarted_with_its_reason(supervised, caplog):
+def test_a_supernode_that_exits_is_restarted_with_its_reason(supervised, caplog,
+                                                             monkeypatch):
     node, supervisor, pids = supervised
+    monkeypatch.setattr(sn, "EXIT_DELAY_S", 0.2)
     caplog.set_level(logging.WARNING, logger=sn.__name__)
     subprocess.run(["kill", "-9", str(node.process.pid)], check=True)
     wait_for(lambda: len(pids) == 1)
     assert node.returncode() is None and supervisor.restarts == 1
     assert "flower-supernode exited with -9" in caplog.text
+
