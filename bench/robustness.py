@@ -11,9 +11,10 @@ document shuffled. Attackers claim a quality gain of 1.0 (the largest possible; 
 Every update, honest or not, goes through the real wire path: ``encode_delta`` (top-k at
 ``density``, int8, signed) then ``decode_delta``. The decoded updates are merged per bank by
 each aggregator of ``federation.aggregators`` (configured with ``f``; Bulyan with the largest
-f that n allows) and by DAF (``DAFConfig(f=f)``, default rules and reputation, fresh: one
-round, no history), with no norm bound (the coordinator's ``Validator`` would also refuse
-deltas above ``max_norm``; here the aggregator stands alone). A rule that cannot produce a
+f that n allows) and by DAF as configured by default (``DAFConfig()``: automatic f, the
+largest the n updates allow, default rules and reputation, fresh: one round, no history),
+with no norm bound (the coordinator's ``Validator`` would also refuse deltas above
+``max_norm``; here the aggregator stands alone). A rule that cannot produce a
 version (quorum not met) keeps the base model. The merged adapter is packed and signed as the
 coordinator does, and scored with ``node_agent.heldout.HeldoutScorer`` (ELBO bound with the
 TALoRA mix per t, fixed seed, so every cell sees the same masks) on the test splits of the
@@ -62,6 +63,7 @@ from federation import (
     generate_key,
     pack_adapter,
 )
+from federation.aggregators import max_f
 from federation.attacks import DELTA_ATTACKS, Update
 from node_agent.heldout import HeldoutScorer
 from node_agent.trainer import clip
@@ -207,8 +209,8 @@ class Matrix:
         try:
             if aggregator == DAF_NAME:
                 gains = {u.node_id: u.metrics["quality_gain"] for u in updates}
-                return DAF(DAFConfig(f=self.f)).aggregate(flat, gains).merged
-            f = min(self.f, (len(updates) - 3) // 4) if aggregator == "bulyan" else self.f
+                return DAF(DAFConfig()).aggregate(flat, gains).merged
+            f = min(self.f, max_f("bulyan", len(updates))) if aggregator == "bulyan" else self.f
             return {b: aggregate(np.stack(list(x.values())), aggregator, f=f)
                     for b, x in flat.items()}
         except QuorumNotMet:
@@ -292,8 +294,8 @@ def run(params: dict[str, Any], ctx: BenchContext,
                 if agg == DAF_NAME and k == int(p["goal_attackers"]):
                     worst.append(change)
             log(f"robustness: {k} x {attack} done at {time.perf_counter() - t0:.0f} s")
-    note = (f"{n} nodes, f={m.f}, {p['local_steps']} steps/bank, density {p['density']}, "
-            f"domains {'/'.join(sorted(set(m.domains)))}")
+    note = (f"{n} nodes, f={m.f} (DAF: auto), {p['local_steps']} steps/bank, "
+            f"density {p['density']}, domains {'/'.join(sorted(set(m.domains)))}")
     if worst:
         rows.append(ctx.row(SECTION, "daf_worst_change_pct", max(worst), "%",
                             f"{p['goal_attackers']} of {n} attacking; {note}"))

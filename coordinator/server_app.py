@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.config import bank_rules
+from coordinator.config import bank_rules, parse_byzantine_f
 from coordinator.store import Store
 from coordinator.strategy import RuvStrategy, StrategySettings
 from federation import load_private_key
@@ -33,7 +33,7 @@ def settings_from_run_config(run_config: dict[str, Any]) -> StrategySettings:
         min_nodes=int(c["min-nodes"]),
         fraction=float(c["fraction"]),
         quorum=int(c["quorum"]),
-        byzantine_f=int(c["byzantine-f"]),
+        byzantine_f=parse_byzantine_f(c["byzantine-f"], "byzantine-f"),
         rules=bank_rules({b: str(c[f"rule-{b}"]) for b in ("coarse", "domain", "fine")}),
         max_norm=float(c["max-norm"]),
         density=float(c["density"]),

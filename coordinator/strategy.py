@@ -14,9 +14,11 @@ strategy loads it from the store and runs the federation pipeline on it:
 
 Every refusal is logged and recorded with its reason; the round goes on with the others.
 Fewer valid updates than the quorum max(2f+1, quorum) keep the previous version (Blanchard
-et al. 2017: robust rules need n ≥ 2f+1). Flower's `sample_nodes` waits forever for
-`min_available_nodes`; here the wait is bounded, and the round itself is bounded by the
-`timeout` given to `Strategy.start` (a SIGKILLed SuperNode stays "online" for two heartbeats).
+et al. 2017: robust rules need n ≥ 2f+1); with the automatic f (the default, `byzantine_f =
+None`: DAF takes the largest f the round's updates allow) the quorum is `quorum` alone.
+Flower's `sample_nodes` waits forever for `min_available_nodes`; here the wait is bounded,
+and the round itself is bounded by the `timeout` given to `Strategy.start` (a SIGKILLed
+SuperNode stays "online" for two heartbeats).
 Flower's `Grid.send_and_receive` pulls replies every 3 s, which adds up to 3 s to every
 round; `start` wraps a Flower grid in `PromptGrid`, which pulls every `REPLY_POLL_S`.
 """
@@ -82,7 +84,7 @@ class StrategySettings:
     min_nodes: int = 2
     fraction: float = 1.0
     quorum: int = 1
-    byzantine_f: int = 0
+    byzantine_f: int | None = None
     rules: Mapping[str, BankRule] = field(default_factory=default_rules)
     max_norm: float = 10.0
     density: float = 0.05
@@ -95,14 +97,19 @@ class StrategySettings:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1 or self.min_nodes < 1 or self.quorum < 1:
             raise ValueError("need 0 < fraction <= 1, min_nodes >= 1 and quorum >= 1")
-        if self.round_timeout <= 0 or self.wait_nodes_s < 0 or self.byzantine_f < 0:
-            raise ValueError("need round_timeout > 0, wait_nodes_s >= 0 and byzantine_f >= 0")
+        if self.round_timeout <= 0 or self.wait_nodes_s < 0:
+            raise ValueError("need round_timeout > 0 and wait_nodes_s >= 0")
+        if self.byzantine_f is not None and self.byzantine_f < 0:
+            raise ValueError(f"byzantine_f must be >= 0 or None (auto), got {self.byzantine_f}")
         if self.dp_noise < 0 or not 0 < self.dp_delta < 1:
             raise ValueError("need dp_noise >= 0 and 0 < dp_delta < 1")
 
     @property
     def required(self) -> int:
-        """Valid updates a round needs to produce a version: max(2f+1, quorum)."""
+        """Valid updates a round needs to produce a version: max(2f+1, quorum) for an explicit
+        f; `quorum` for the automatic f, which always fits the updates there are."""
+        if self.byzantine_f is None:
+            return self.quorum
         return max(2 * self.byzantine_f + 1, self.quorum)
 
 

@@ -18,6 +18,8 @@
 Quorum guard: fewer than 2f+1 updates raise `QuorumNotMet` and produce no new version, so a
 median of one honest and one attacking node is never taken. Unlike Flower's
 FedTrimmedAvg(β), which trims ⌊βn⌋ (nothing for n=3, β=0.2), trimmed_mean trims ≥ f per side.
+
+`max_f(rule, n)` is the largest f a rule tolerates among n updates (DAF's automatic f).
 """
 
 from collections.abc import Callable
@@ -152,6 +154,34 @@ RULES: dict[str, Rule] = {
     "geomedian": _geomedian,
     "centered_clip": _centered_clip,
 }
+
+
+# The rules' own conditions, checked by `_needs` above: a rule accepts f among n updates when
+# n >= a·f + b. Rules not listed need only the quorum, n >= 2f + 1.
+_MIN_N_COEFFICIENTS: dict[str, tuple[int, int]] = {
+    "krum": (2, 3),
+    "multikrum": (2, 3),
+    "bulyan": (4, 3),
+}
+
+
+def max_f(rule: str, n: int) -> int:
+    """Largest f that `rule` tolerates among n updates: the automatic f of DAF.
+
+    f is capped twice. First by the classic Byzantine bound n >= 3f + 1, f = ⌊(n−1)/3⌋
+    (Lamport, Shostak & Pease 1982: no agreement is possible with a third or more of the
+    parties faulty). Then by the rule's own condition: Krum and Multi-Krum need n >= 2f + 3
+    (n > 2f + 2, Blanchard et al. 2017), Bulyan n >= 4f + 3 (El Mhamdi et al. 2018), every
+    other rule the quorum n >= 2f + 1 (the trimmed mean keeps one value after trimming f per
+    side). For 10 updates: 3 for every rule but Bulyan, which gets 1.
+
+    Returns 0 when no f fits (Krum with n < 3, or n = 0): `aggregate` then raises the rule's
+    own error or `QuorumNotMet`.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
+    a, b = _MIN_N_COEFFICIENTS.get(rule, (2, 1))
+    return max(0, min((n - 1) // 3, (n - b) // a))
 
 
 def aggregate(

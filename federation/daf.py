@@ -19,6 +19,12 @@ MAD z-score flags honest nodes (measured: |z| = 4.3 for an honest node among 10)
 Nodes with rep_i < exclude_below are left out; the others are weighted by rep_i (× the capped
 quality gain where the bank asks for it) in rules that take weights, so one bad round costs a
 node little and repeat offenders fade out.
+
+The tolerated Byzantine count f is automatic by default: each round and bank takes
+`aggregators.max_f(rule, n)` for the n kept updates, the largest f under n >= 3f + 1 that the
+bank's rule accepts (3 of 10 for the default rules). A fixed f of 0 would make Multi-Krum keep
+every update (the plain mean) and the trimmed mean trim only ⌊βn⌋, so the default would not be
+Byzantine-robust; a fixed f larger than the round allows would make the rules refuse it.
 """
 
 from collections.abc import Mapping
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from federation.aggregators import RULES, WEIGHTED_RULES, aggregate
+from federation.aggregators import RULES, WEIGHTED_RULES, aggregate, max_f
 
 BANKS = ("coarse", "domain", "fine")
 
@@ -58,10 +64,15 @@ def default_rules() -> dict[str, BankRule]:
 
 @dataclass(frozen=True)
 class DAFConfig:
-    """Rules per bank, tolerated Byzantine count f, and the reputation parameters."""
+    """Rules per bank, tolerated Byzantine count f, and the reputation parameters.
+
+    `f = None` (the default) picks, per round and bank, the largest f the kept updates allow
+    (`aggregators.max_f`); an int fixes f, and a round with fewer than 2f + 1 kept updates
+    (or fewer than the rule needs) then makes no version.
+    """
 
     rules: Mapping[str, BankRule] = field(default_factory=default_rules)
-    f: int = 0
+    f: int | None = None
     decay: float = 0.5
     distance_limit: float = 3.0
     z_limit: float = 3.5
@@ -69,6 +80,8 @@ class DAFConfig:
     gain_cap: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.f is not None and self.f < 0:
+            raise ValueError(f"f must be >= 0 or None (automatic), got {self.f}")
         if not 0 < self.decay <= 1 or not 0 < self.exclude_below < 1 or self.gain_cap < 1:
             raise ValueError("need 0 < decay <= 1, 0 < exclude_below < 1 and gain_cap >= 1")
 
@@ -84,12 +97,14 @@ class NodeScore:
 
 @dataclass(frozen=True)
 class DAFResult:
-    """Merged flat vector per bank, each node's scores, reputations after the round, exclusions."""
+    """Merged flat vector per bank, each node's scores, reputations after the round, exclusions,
+    and the f each bank's rule was run with."""
 
     merged: dict[str, np.ndarray]
     scores: dict[str, NodeScore]
     reputations: dict[str, float]
     excluded: list[str]
+    f: dict[str, int]
 
 
 def gain_weights(gains: np.ndarray, cap: float) -> np.ndarray:
@@ -124,8 +139,9 @@ class DAF:
     ) -> DAFResult:
         """Score, update reputations, and aggregate each bank: {bank: {node_id: flat vector}}.
 
-        Raises ValueError for banks without a rule or differing node sets, and
-        `QuorumNotMet` when fewer than 2f+1 nodes remain (keep the previous version then).
+        Raises ValueError for banks without a rule or differing node sets (or too few nodes for
+        a rule), and `QuorumNotMet` when fewer than 2f+1 nodes remain (keep the previous version
+        then); with the automatic f that happens only when no node remains.
         """
         cfg = self.config
         if unknown := sorted(set(bank_updates) - set(cfg.rules)):
@@ -154,9 +170,10 @@ class DAF:
         keep = np.array([self.reputations[node] >= cfg.exclude_below for node in nodes])
         kept_nodes = [node for node, k in zip(nodes, keep, strict=True) if k]
         rep = np.array([self.reputations[node] for node in kept_nodes])
-        merged = {}
+        merged, used_f = {}, {}
         for bank, x in stacked.items():
             rule = cfg.rules[bank]
+            used_f[bank] = max_f(rule.rule, len(kept_nodes)) if cfg.f is None else cfg.f
             weights = None
             if rule.rule in WEIGHTED_RULES:
                 weights = rep
@@ -168,6 +185,8 @@ class DAF:
                     weights = rep * gain_weights(
                         np.array([gains[node] for node in kept_nodes]), cfg.gain_cap
                     )
-            merged[bank] = aggregate(x[keep], rule.rule, f=cfg.f, weights=weights, **rule.options)
+            merged[bank] = aggregate(
+                x[keep], rule.rule, f=used_f[bank], weights=weights, **rule.options
+            )
         excluded = [node for node, k in zip(nodes, keep, strict=True) if not k]
-        return DAFResult(merged, scores, dict(self.reputations), excluded)
+        return DAFResult(merged, scores, dict(self.reputations), excluded, used_f)

@@ -39,6 +39,29 @@ def test_config_defaults_overrides_and_errors(tmp_path):
         load(path)
 
 
+def test_byzantine_f_is_auto_by_default_or_an_int_and_reaches_the_strategy(tmp_path):
+    from coordinator.server_app import settings_from_run_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[aggregation]\nbyzantine_f = "auto"\nquorum = 2\n')
+    for overrides, value, f, required in [
+        ([], "auto", None, 2),
+        (["aggregation.byzantine_f=2"], 2, 2, 5),
+        (["aggregation.byzantine_f=auto"], "auto", None, 2),
+    ]:
+        cfg = load(path, overrides)
+        assert cfg.aggregation.byzantine_f == run_config(cfg)["byzantine-f"] == value
+        settings = settings_from_run_config(run_config(cfg))
+        assert (settings.byzantine_f, settings.required) == (f, required)
+    assert CoordinatorConfig().aggregation.byzantine_f == "auto"
+    for bad in ("-1", '"x"', "true", "1.5"):
+        with pytest.raises(ConfigError, match=r'aggregation\.byzantine_f must be an integer '
+                                              r'>= 0 or "auto"'):
+            load(path, [f"aggregation.byzantine_f={bad}"])
+    with pytest.raises(ConfigError, match="byzantine-f must be"):
+        settings_from_run_config({**run_config(load(path)), "byzantine-f": "x"})
+
+
 def test_flower_app_declares_every_run_config_key_with_the_config_defaults():
     app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     expected = run_config(CoordinatorConfig())

@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
 
-from federation import BANKS, DAF, BankRule, DAFConfig, QuorumNotMet, aggregate
+from federation import (
+    BANKS,
+    DAF,
+    RULES,
+    BankRule,
+    DAFConfig,
+    QuorumNotMet,
+    aggregate,
+    default_rules,
+)
+from federation.aggregators import max_f
 from federation.attacks import honest_updates
 
 
@@ -30,6 +40,7 @@ def test_merged_banks_match_their_rules_for_a_clean_round():
     updates = round_updates(rng)
     gains = {node: 1.0 for node in updates["fine"]}
     result = DAF(DAFConfig(f=2)).aggregate(updates, gains)
+    assert result.f == {bank: 2 for bank in BANKS}
     for bank, rule in DAFConfig().rules.items():
         x = np.stack([updates[bank][node] for node in sorted(updates[bank])])
         options = dict(rule.options)
@@ -84,3 +95,57 @@ def test_configuration_errors_and_quorum():
         daf.aggregate({"fine": {"a": np.zeros(2)}, "coarse": {"b": np.zeros(2)}})
     with pytest.raises(QuorumNotMet):
         daf.aggregate({"fine": {n: np.zeros(2) for n in "abcd"}})
+
+
+def test_max_f_is_the_largest_f_each_rule_accepts_under_n_at_least_3f_plus_1():
+    rng = np.random.default_rng(2)
+    for rule in RULES:
+        for n in range(1, 16):
+            x = rng.normal(size=(n, 4))
+            f = max_f(rule, n)
+            assert 0 <= f <= (n - 1) // 3, (rule, n)
+            if n >= 3 or rule not in ("krum", "multikrum", "bulyan"):
+                aggregate(x, rule, f=f)
+            if f + 1 <= (n - 1) // 3:  # below the classic bound: the rule itself refuses f + 1
+                with pytest.raises((ValueError, QuorumNotMet)):
+                    aggregate(x, rule, f=f + 1)
+    assert {rule: max_f(rule, 10) for rule in RULES} == {
+        rule: 1 if rule == "bulyan" else 3 for rule in RULES
+    }
+    assert (max_f("multikrum", 4), max_f("multikrum", 5), max_f("bulyan", 7)) == (0, 1, 1)
+    assert max_f("krum", 2) == max_f("median", 0) == 0
+    with pytest.raises(ValueError, match="unknown rule"):
+        max_f("average", 10)
+
+
+def test_automatic_f_is_the_default_and_is_3_for_10_nodes_with_the_default_rules():
+    # docs/robustness.md: the attack matrix measured DAF at f = 3 with 10 nodes, the default.
+    assert DAFConfig().f is None
+    assert {bank: max_f(rule.rule, 10) for bank, rule in default_rules().items()} == {
+        bank: 3 for bank in BANKS
+    }
+    rng = np.random.default_rng(3)
+    result = DAF().aggregate(round_updates(rng), {f"node{i}": 1.0 for i in range(10)})
+    assert result.f == {bank: 3 for bank in BANKS}
+    with pytest.raises(ValueError, match="f must be >= 0"):
+        DAFConfig(f=-1)
+
+
+def test_automatic_f_follows_the_kept_nodes():
+    rng = np.random.default_rng(4)
+    daf = DAF(reputations={"node9": 0.3})  # flagged once more: 0.15, excluded, 9 nodes remain
+    gains = {f"node{i}": 1.0 for i in range(10)}
+    result = daf.aggregate(round_updates(rng, attacker_scale=50.0), gains)
+    assert result.excluded == ["node9"] and result.f == {bank: 2 for bank in BANKS}
+
+
+def test_automatic_f_keeps_three_scaled_updates_out_of_the_coarse_bank_where_f_0_does_not():
+    rng = np.random.default_rng(5)
+    x = honest_updates(10, 30, rng)
+    x[7:] *= 100.0
+    updates = {"coarse": {f"node{i}": x[i] for i in range(10)}}
+    honest_mean = x[:7].mean(axis=0)
+    auto = DAF().aggregate(updates).merged["coarse"]
+    np.testing.assert_allclose(auto, honest_mean)  # Multi-Krum keeps the 7 honest updates
+    fixed = DAF(DAFConfig(f=0)).aggregate(updates).merged["coarse"]
+    assert np.linalg.norm(fixed - honest_mean) > 10 * np.linalg.norm(honest_mean)

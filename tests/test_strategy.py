@@ -55,6 +55,15 @@ def reasons(fed, round_):
     return sorted((r.node_id, r.reason) for r in fed.store.rejections(round_))
 
 
+def test_quorum_takes_2f_plus_1_for_an_explicit_f_only():
+    assert settings().byzantine_f is None and settings(quorum=2).required == 2
+    assert settings(quorum=2, byzantine_f=2).required == 5
+    assert settings(quorum=6, byzantine_f=2).required == 6
+    assert settings(byzantine_f=0).required == 3
+    with pytest.raises(ValueError, match="byzantine_f must be >= 0"):
+        settings(byzantine_f=-1)
+
+
 def test_clean_round_merges_a_signed_version_onto_the_base(tmp_path):
     fed = make_federation(tmp_path, 4)
     rng = np.random.default_rng(0)
