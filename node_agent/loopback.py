@@ -72,7 +72,7 @@ class Settings:
     clip_norm: float = 1.0
     max_norm: float = 10.0
     round_timeout: float = 180.0
-    byzantine_f: int = 0
+    byzantine_f: int | None = None  # None: DAF's automatic f (the coordinator's default)
     quorum: int = 2
     seq_len: int = 64
     batch_size: int = 4
@@ -124,7 +124,8 @@ class LoopbackFederation:
             f"rounds.learning_rate={s.learning_rate}", f"rounds.density={s.density}",
             f"rounds.clip_norm={s.clip_norm}", f"rounds.round_timeout={s.round_timeout}",
             f"rounds.min_nodes={sum(n.enrolled for n in nodes)}", "rounds.wait_nodes=120.0",
-            f"aggregation.byzantine_f={s.byzantine_f}", f"aggregation.quorum={s.quorum}",
+            f"aggregation.byzantine_f={'auto' if s.byzantine_f is None else s.byzantine_f}",
+            f"aggregation.quorum={s.quorum}",
             f"aggregation.max_norm={s.max_norm}",
             *(f"aggregation.{bank}={rule}" for bank, rule in s.rules.items()),
         ]
