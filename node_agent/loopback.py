@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,11 @@ def _write_texts(folder: Path, texts: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts):
         (folder / f"doc{i:04d}.txt").write_text(text, "utf-8")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """Raise SystemExit(128 + signum), the exit status a shell reports for that signal."""
+    sys.exit(128 + signum)
 
 
 class LoopbackFederation:
@@ -333,13 +339,27 @@ byzantine = "{spec.byzantine}"
             self.deployment = None
 
     def __enter__(self) -> LoopbackFederation:
+        # SIGTERM's default action ends the interpreter without unwinding, which left the
+        # coordinator and node agents of a killed `ruvdllm-bench` running: turn it into
+        # SystemExit so that __exit__ stops them (main thread only, where handlers live).
+        self._sigterm: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self._stop_and_restore()
             raise
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        self._stop_and_restore()
+
+    def _stop_and_restore(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -109,3 +110,35 @@ def test_every_child_of_the_agent_dies_with_it(federation: LoopbackFederation,
     if sig != signal.SIGKILL:  # a clean stop also removes the agent's state file
         assert node.process.returncode == 0
         assert not (node.cfg.node.home / "agent.json").exists()
+
+
+def test_sigterm_to_a_harness_user_stops_its_federation(tmp_path: Path) -> None:
+    """SIGTERM to a process inside ``with LoopbackFederation`` stops everything it started.
+
+    Before the harness turned SIGTERM into SystemExit, a killed ``ruvdllm-bench`` left
+    its coordinator and node agents running.
+    """
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from node_agent.loopback import LoopbackFederation, NodeSpec, Settings\n"
+        f"spec = NodeSpec('n0', [{TEXT!r}])\n"
+        "with LoopbackFederation(Path(sys.argv[1]), [spec], Settings(rounds=1)):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    user = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    children: set[int] = set()
+    try:
+        assert user.stdout is not None and user.stdout.readline().strip() == "ready"
+        children = descendants(user.pid)
+        assert children, "the harness started no process"
+        user.send_signal(signal.SIGTERM)
+        assert user.wait(timeout=GONE_WITHIN_S + 30) == 128 + signal.SIGTERM
+        left = wait_gone(children)
+        assert not left, f"survived SIGTERM to the harness: {[command(p) for p in left]}"
+    finally:
+        user.kill()
+        for pid in alive(children):
+            os.kill(pid, signal.SIGKILL)
