@@ -44,16 +44,15 @@ from node_agent.engine import Engine
 from node_agent.metrics import Registry
 from proto import ruvdllm_pb2 as pb
 from proto import ruvdllm_pb2_grpc as pb_grpc
-from ruvdllm.lora import Adapter, LoRAConfig, LoRAModel, frozen_a
+from ruvdllm.lora import Adapter, LoRAConfig, frozen_a
 from ruvdllm.model import DiffusionLM
-from ruvdllm.talora import BANKS, TALoRA, TALoRAHook, bank_weights
+from ruvdllm.talora import BANKS, DELTA_KIND, TALoRA, TALoRAHook
 
 log = logging.getLogger(__name__)
 
 # Versions kept in memory for training bases (the applied one and a few before it).
 CACHED_VERSIONS = 4
 WATCH_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
-DELTA_KIND = "delta"  # meta "kind" of a pattern that adds to its bank's global adapter
 
 
 class AdapterError(RuntimeError):
@@ -82,19 +81,13 @@ def bank_adapter(frozen: Adapter, version: Version, bank: str) -> Adapter:
 
 
 class GlobalPlusLocalHook(TALoRAHook):
-    """TALoRA's sampler hook, where a ``kind = "delta"`` pattern adds to its bank's global.
+    """TALoRA's sampler hook with the node's per-request query (delta patterns add to globals).
 
-    :class:`~ruvdllm.talora.TALoRAHook` gives a bank's weight to its retrieved patterns
-    *instead of* its global slot (a full pattern already contains the global it was trained
-    from). A delta pattern holds only what local training added, so here the global slot
-    keeps the bank's weight and the retrieved deltas come on top with their retrieval
-    weights; full patterns keep the stock behaviour. ``used`` collects, per pattern id, the
-    largest weight it got since :meth:`set_query` (what the engine reports per request).
+    The node stores what each round's local training added as ``kind = "delta"``
+    patterns, which :class:`~ruvdllm.talora.TALoRAHook` applies on top of the bank's
+    global adapter; ``used`` (what the engine reports per request) restarts with
+    every :meth:`set_query`.
     """
-
-    def __init__(self, talora: TALoRA, lora_model: LoRAModel, top_k: int = 4) -> None:
-        super().__init__(talora, lora_model, top_k=top_k)
-        self.used: dict[int, float] = {}
 
     def has_patterns(self) -> bool:
         """Whether the store holds any local pattern."""
@@ -104,21 +97,6 @@ class GlobalPlusLocalHook(TALoRAHook):
         """The retrieval key for the coming forwards (None: global slots only)."""
         self.query = query
         self.used = {}
-
-    def mix_for(self, t: float) -> list[tuple[str, float]]:
-        covered: set[str] = set()
-        mix: list[tuple[str, float]] = []
-        if self.query is not None:
-            for pid, weight in self.talora.retrieve(self.query, t, self.top_k):
-                mix.append((self._load_local(pid), weight))
-                self.used[pid] = max(weight, self.used.get(pid, 0.0))
-                if self.talora.meta(pid).get("kind") != DELTA_KIND:
-                    covered.add(self.talora.bank_of(pid))
-        for bank, weight in bank_weights(t).items():
-            if weight > 0.0 and bank not in covered and self._load_global(bank):
-                mix.append((f"global:{bank}", weight))
-        self._trim_cache({name for name, _ in mix})
-        return mix
 
 
 class AdapterSync:

@@ -67,6 +67,7 @@ BLEND_WIDTH = 0.05
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF = 50
+DELTA_KIND = "delta"  # meta "kind" of a pattern that adds to its bank's global adapter
 FORMAT = "ruvdllm-talora-1"
 _VERSION = re.compile(r"^v\d{8}$")
 _INITIAL_ELEMENTS = 1024  # an index grows by doubling up to the capacity
@@ -556,9 +557,13 @@ class TALoRAHook:
     mix serves the whole batch). With a ``query`` (the prompt embedding, or
     the uncertain positions' hidden state that DGR sets), each bank's weight
     goes to its retrieved local patterns; otherwise to its global slot.
-    Adapters are loaded into the LoRAModel on first use (ids ``global:<bank>``
-    and ``local:<id>``) and the least recently used locals are unloaded beyond
-    ``cache_size``; a new global version is picked up at the next step.
+    A pattern whose meta ``kind`` is ``"delta"`` (:data:`DELTA_KIND`: only what local
+    training added to the global it started from) comes *on top of* its bank's
+    global slot instead of replacing it; ``used`` records the largest weight each
+    retrieved pattern got. Adapters are loaded into the LoRAModel on first use
+    (ids ``global:<bank>`` and ``local:<id>``) and the least recently used locals
+    are unloaded beyond ``cache_size``; a new global version is picked up at the
+    next step.
     """
 
     def __init__(self, talora: TALoRA, lora_model: LoRAModel, query: np.ndarray | None = None,
@@ -569,6 +574,7 @@ class TALoRAHook:
         self.top_k = top_k
         self.cache_size = cache_size
         self.last_mix: list[tuple[str, float]] = []
+        self.used: dict[int, float] = {}  # largest weight per retrieved pattern id
         self._serial: dict[str, int] = {}
         self._locals: dict[str, None] = {}  # loaded local ids, least recently used first
 
@@ -591,7 +597,9 @@ class TALoRAHook:
         if self.query is not None:
             for pid, weight in self.talora.retrieve(self.query, t, self.top_k):
                 mix.append((self._load_local(pid), weight))
-                covered.add(self.talora.bank_of(pid))
+                self.used[pid] = max(weight, self.used.get(pid, 0.0))
+                if self.talora.meta(pid).get("kind") != DELTA_KIND:
+                    covered.add(self.talora.bank_of(pid))
         for bank, weight in bank_weights(t).items():
             if weight > 0.0 and bank not in covered and self._load_global(bank):
                 mix.append((f"global:{bank}", weight))

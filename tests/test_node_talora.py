@@ -27,13 +27,12 @@ from coordinator.launch import prepare_state
 from coordinator.service import ServiceServer, serve
 from coordinator.store import Store
 from federation import public_key_bytes
-from node_agent.adapters import DELTA_KIND
 from node_agent.agent import NodeAgent
 from node_agent.config import load_config
 from node_agent.engine import Chunk
 from node_agent.trainer import fingerprint
 from proto import ruvdllm_pb2 as pb
-from ruvdllm.talora import BANKS, TALoRA
+from ruvdllm.talora import BANKS, DELTA_KIND, TALoRA
 
 CODE = ("The os.path module implements functions on path names. Use join() to combine parts "
         "and split() to take them apart; nothing touches the file system. ") * 40
