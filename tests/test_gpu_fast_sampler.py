@@ -10,26 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ruvdllm.config import ModelConfig
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM, StaticKV
 from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model
 from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError
+from tests.test_sampler import MASK, tiny_model
 
-MASK, EOS = 3, 2
 PROMPTS = [[1, 50, 60, 70, 80], [1, 9, 8], [1, 100, 101, 102, 103, 104, 105, 106], [1, 42]]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def tiny_model(device: str = "cpu", seed: int = 0) -> DiffusionLM:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128,
-                      vocab_size=512, embedding_size=512, mask_token_id=MASK, eos_token_id=EOS,
-                      max_sequence_length=256)
-    m = DiffusionLM(cfg).eval()
-    with torch.no_grad():  # sharpen the random model so confidences spread out
-        m.transformer.ff_out.weight.mul_(8)
-    return m.to(device)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,21 @@ from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError, StepState
 MASK, EOS = 3, 2
 
 
-@pytest.fixture(scope="module")
-def model() -> DiffusionLM:
-    torch.manual_seed(0)
+def tiny_model(device: str = "cpu", seed: int = 0) -> DiffusionLM:
+    """A random 2-layer GQA model whose confidences spread out (sharpened LM head)."""
+    torch.manual_seed(seed)
     cfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128,
                       vocab_size=512, embedding_size=512, mask_token_id=MASK, eos_token_id=EOS,
                       max_sequence_length=256)
     m = DiffusionLM(cfg).eval()
-    with torch.no_grad():  # sharpen the random model so confidences spread out
+    with torch.no_grad():
         m.transformer.ff_out.weight.mul_(8)
-    return m
+    return m.to(device)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionLM:
+    return tiny_model()
 
 
 def llada_reference(model: DiffusionLM, prompt: list[int], steps: int, gen_length: int,
