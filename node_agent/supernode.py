@@ -1,19 +1,19 @@
 """The node's ``flower-supernode`` process: command line, environment, start and stop by PID.
 
 The SuperNode connects the node to the coordinator's SuperLink (registration, heartbeats,
-messages) and spawns one ClientApp process per message; the ClientApp finds this node's
-agent through the node config ``agent-address``. The process gets Flower's hygiene (DESIGN
-§5): telemetry and update checks off, its own ``FLWR_HOME`` under the node's home, loopback
-for its local runtime API, no runtime dependency installation (Flower's default for a
-SuperNode: the flag is simply not passed), TLS and node authentication when configured.
-Its output goes to ``<home>/logs/supernode.log``.
+messages). It runs in Flower's ``--isolation process`` mode with our executor beside it
+(:mod:`node_agent.superexec`), which forks one ClientApp per message from a warm process;
+the ClientApp finds this node's agent through the node config ``agent-address``. Both
+processes get Flower's hygiene (DESIGN §5): telemetry and update checks off, their own
+``FLWR_HOME`` under the node's home, loopback for the local runtime API, no runtime
+dependency installation, TLS and node authentication toward the SuperLink when configured.
+Their output goes to ``<home>/logs/supernode.log`` and ``<home>/logs/superexec.log``.
 
-The SuperNode leads its own process group, which its children join (Flower's SuperExec,
-and the ClientApp processes that one starts). :meth:`Supernode.stop` sends SIGTERM to the
-group and waits until every member is gone, not just the SuperNode, then SIGKILLs what is
-left. On Linux the SuperNode is also started with ``PR_SET_PDEATHSIG`` = SIGTERM, so it
-shuts down (and its SuperExec after it) even when the agent is killed without a chance to
-clean up.
+The SuperNode leads its own process group, which the executor and its ClientApp children
+join. :meth:`Supernode.stop` sends SIGTERM to the group and waits until every member is
+gone, not just the SuperNode, then SIGKILLs what is left. On Linux both are also started
+with ``PR_SET_PDEATHSIG`` = SIGTERM, so they shut down even when the agent is killed
+without a chance to clean up.
 
 :class:`Supervisor` keeps the SuperNode connected. flwr 1.41's SuperNode does not recover
 from a restarted SuperLink: the new SuperLink (its state is in memory) answers the old
@@ -25,7 +25,7 @@ failed, retrying", forever. So the agent restarts it (same key, same port) when
   coordinator channels, sees it change when the adapter watch reconnects after the restart
   (the coordinator starts its service only once its SuperLink is up with the enrolled keys
   registered, so the new SuperNode can register at once);
-* or the SuperNode process exited.
+* or the SuperNode or its executor exited.
 
 Restarts in a row wait 0, 1, 2, 5, 10, then 30 s, and one after an exit at least
 ``EXIT_DELAY_S`` (Flower gives up on an unreachable or refusing SuperLink, e.g. an
@@ -129,7 +129,9 @@ class Supernode:
         self.cfg = cfg
         self.flwr_home = cfg.node.home / "flwr"
         self.log_path = cfg.node.home / "logs" / "supernode.log"
+        self.superexec_log_path = cfg.node.home / "logs" / "superexec.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         """The flower-supernode argv for this node's config."""
@@ -137,7 +139,7 @@ class Supernode:
         node_config = (f'{AGENT_ADDRESS_KEY}="{self.cfg.grpc_address}" '
                        f"partition-id={sn.partition_id} num-partitions={sn.num_partitions}")
         cmd = [executable("flower-supernode"), "--superlink", sn.superlink,
-               "--host", "127.0.0.1", "--port", str(sn.port),
+               "--host", "127.0.0.1", "--port", str(sn.port), "--isolation", "process",
                "--max-wait-time", str(sn.max_wait_time_s), "--node-config", node_config]
         if sn.root_certificates is not None:
             cmd += ["--root-certificates", str(sn.root_certificates)]
@@ -147,40 +149,58 @@ class Supernode:
             cmd += ["--auth-supernode-private-key", str(sn.auth_private_key)]
         return cmd
 
+    def superexec_command(self, supernode_pid: int) -> list[str]:
+        """The argv of the SuperNode's ClientApp executor (:mod:`node_agent.superexec`)."""
+        return [sys.executable, "-m", "node_agent.superexec", "--runtime-api-address",
+                f"127.0.0.1:{self.cfg.supernode.port}", "--supernode-pid", str(supernode_pid)]
+
+    def _spawn(self, cmd: list[str], log_path: Path, group: int | None) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` with Flower's environment, output to ``log_path``, in process group
+        ``group`` (a new one that it leads when None; within the agent's session, since a
+        process may only join a group of its own session) and, on Linux, with the agent's
+        death signal."""
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-c", EXEC_WITH_PDEATHSIG, str(os.getpid()), *cmd]
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=flower_env(self.flwr_home),
+                                    process_group=0 if group is None else group)
+
     def start(self) -> int:
-        """Start the process in a new process group; returns its PID.
+        """Start the SuperNode in a new process group, and its executor in the same group;
+        returns the SuperNode's PID.
 
         Call it from the thread that lives as long as the agent (the main thread): Linux
         sends the death signal when the thread that started the child exits.
         """
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
-        if sys.platform.startswith("linux"):
-            cmd = [sys.executable, "-c", EXEC_WITH_PDEATHSIG, str(os.getpid()), *cmd]
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL,
-                                            env=flower_env(self.flwr_home),
-                                            start_new_session=True)
-        log.info("flower-supernode started (pid %d) toward %s, log %s", self.process.pid,
-                 self.cfg.supernode.superlink, self.log_path)
+        self.process = self._spawn(self.command(), self.log_path, None)
+        self.executor = self._spawn(self.superexec_command(self.process.pid),
+                                    self.superexec_log_path, self.process.pid)
+        log.info("flower-supernode started (pid %d, executor %d) toward %s, log %s",
+                 self.process.pid, self.executor.pid, self.cfg.supernode.superlink,
+                 self.log_path)
         return self.process.pid
 
     def returncode(self) -> int | None:
-        """None while running, else the exit status."""
-        return None if self.process is None else self.process.poll()
+        """None while the SuperNode and its executor run, else the first exit status seen."""
+        for proc in (self.process, self.executor):
+            code = None if proc is None else proc.poll()
+            if code is not None:
+                return code
+        return None
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM its process group; SIGKILL whatever is left of it after ``timeout`` s.
 
-        Returns once the SuperNode is reaped and no member of its group is alive (its
-        SuperExec outlives it by a moment: it polls for its parent).
+        Returns once the SuperNode and its executor are reaped and no member of their group
+        is alive.
         """
         proc = self.process
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the SuperNode leads its group
+        pgid = proc.pid  # the SuperNode leads its group
         if proc.poll() is None or group_members(pgid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGTERM)
@@ -194,6 +214,8 @@ class Supernode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             proc.wait()
+        if self.executor is not None:
+            self.executor.wait()  # already gone with the group: only reaped here
         log.info("flower-supernode (pid %d) stopped with %s", proc.pid, proc.returncode)
 
 
@@ -259,7 +281,8 @@ class Supervisor:
             code = self.supernode.returncode()
             least = 0.0
             if reason is None and code is not None:
-                reason = f"flower-supernode exited with {code} (log: {self.supernode.log_path})"
+                reason = (f"flower-supernode or its executor exited with {code} "
+                          f"(logs: {self.supernode.log_path.parent})")
                 least = EXIT_DELAY_S
             if reason is not None and not self.stop.is_set():
                 self._restart(reason, least)
