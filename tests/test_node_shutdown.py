@@ -74,14 +74,14 @@ def federation(tmp_path: Path) -> Iterator[LoopbackFederation]:
 
 
 def wait_for_superexec(node: NodeProcess) -> set[int]:
-    """The agent's descendants once its SuperNode has started its SuperExec."""
+    """The agent's descendants once it has started its SuperNode's executor."""
     end = time.monotonic() + SUPEREXEC_WITHIN_S
     while time.monotonic() < end:
         below = descendants(node.process.pid)
-        if any("flower-superexec" in command(p) for p in below):
+        if any("node_agent.superexec" in command(p) for p in below):
             return below
         time.sleep(0.5)
-    raise AssertionError(f"no flower-superexec below the agent after {SUPEREXEC_WITHIN_S} s: "
+    raise AssertionError(f"no executor below the agent after {SUPEREXEC_WITHIN_S} s: "
                          f"{[command(p) for p in descendants(node.process.pid)]}")
 
 
@@ -102,7 +102,7 @@ def test_every_child_of_the_agent_dies_with_it(federation: LoopbackFederation,
     node = federation.nodes[0]
     children = wait_for_superexec(node)
     commands = " ".join(command(p) for p in children)
-    assert "flower-supernode" in commands and "flower-superexec" in commands
+    assert "flower-supernode" in commands and "node_agent.superexec" in commands
     os.kill(node.process.pid, sig)
     node.process.wait(GONE_WITHIN_S)
     left = wait_gone(children)

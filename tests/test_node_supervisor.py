@@ -78,13 +78,17 @@ def test_a_new_coordinator_instance_restarts_the_supernode(tmp_path, supervised,
     assert "coordinator restarted" in caplog.text
 
 
+@pytest.mark.parametrize("which", ["process", "executor"])
 def test_a_supernode_that_exits_is_restarted_with_its_reason(supervised, caplog,
-                                                             monkeypatch):
+                                                             monkeypatch, which):
+    """The SuperNode, or the executor that runs its ClientApps, killed: both restart."""
     node, supervisor, pids = supervised
     monkeypatch.setattr(sn, "EXIT_DELAY_S", 0.2)
     caplog.set_level(logging.WARNING, logger=sn.__name__)
-    subprocess.run(["kill", "-9", str(node.process.pid)], check=True)
+    first_executor = node.executor.pid
+    subprocess.run(["kill", "-9", str(getattr(node, which).pid)], check=True)
     wait_for(lambda: len(pids) == 1)
     assert node.returncode() is None and supervisor.restarts == 1
-    assert "flower-supernode exited with -9" in caplog.text
+    assert node.executor.pid != first_executor
+    assert "flower-supernode or its executor exited with -9" in caplog.text
 

@@ -234,7 +234,8 @@ def _process(pid: int) -> tuple[str, dict[str, str]] | None:
 
 def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real run: SuperLink (+ SuperExec + ServerApp) and a SuperNode (+ its ClientApp)."""
+    """A real run: SuperLink (+ SuperExec + ServerApp) and a SuperNode (+ our executor and
+    the ClientApp it forks, named ``clientapp`` below)."""
     for name in FLOWER_HYGIENE:  # our launchers must set them, not the test's environment
         monkeypatch.delenv(name, raising=False)
     ccfg = coordinator_config.load(None, [
@@ -250,12 +251,15 @@ def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path,
     seen: dict[int, tuple[str, dict[str, str]]] = {}
     try:
         supernode.start()
-        assert supernode.process is not None
-        roots = [deployment.superlink_pid, supernode.process.pid]
+        assert supernode.process is not None and supernode.executor is not None
+        executor = supernode.executor.pid
+        roots = [deployment.superlink_pid, supernode.process.pid, executor]
         end = time.monotonic() + 90
         while time.monotonic() < end:
             for pid in process_tree(roots):
                 if pid not in seen and (found := _process(pid)) is not None:
+                    if pid != executor and "node_agent.superexec" in found[0]:
+                        found = ("clientapp forked by " + found[0], found[1])
                     seen[pid] = found
             commands = " ".join(c for c, _ in seen.values())
             if "serverapp" in commands and "clientapp" in commands:
@@ -265,7 +269,8 @@ def test_every_spawned_flower_process_has_telemetry_off(tmp_path: Path,
         supernode.stop()
         deployment.stop()
     commands = [c for c, _ in seen.values()]
-    for kind in ("flower-superlink", "flower-supernode", "serverapp", "clientapp"):
+    for kind in ("flower-superlink", "flower-supernode", "node_agent.superexec", "serverapp",
+                 "clientapp"):
         assert any(kind in c for c in commands), f"no {kind} process seen among {commands}"
     for pid, (command, env) in seen.items():
         hygiene = {k: env.get(k) for k in FLOWER_HYGIENE}
