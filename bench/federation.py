@@ -13,6 +13,7 @@ said otherwise):
   ``upload_s`` (slowest ``SubmitDelta``), ``flower_s`` (the rest of the wait for replies:
   Flower's message round trip, ClientApp process start, polling) and ``aggregate_s``
   (verification, DAF, signing, persisting);
+  ``round_latency_s{round=N}``: the wall time of round N alone;
 * ``bytes_per_node_mb``: the largest signed delta any node uploaded in any round;
   ``bytes{round=N}``: the mean per node in round N;
 * ``heldout_ppl``: held-out perplexity (test splits of the nodes' domains, mean, ELBO bound
@@ -22,10 +23,15 @@ said otherwise):
   nodes' text, one bank at a time, with the same total number of steps per bank);
 * ``byzantine_tolerance_pct``: the Byzantine share of nodes, when every round still merged
   and no Byzantine update was aggregated; 0 otherwise.
+
+``keep = "DIR"`` runs the federation in DIR and leaves it there (an empty or new folder):
+the coordinator's store and every process's log, e.g. the agents' ``TrainRound arrived …
+after the ServerApp created the message`` lines that time Flower's delivery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import tempfile
@@ -57,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "domains": ["pydocs", "kerneldocs", "shakespeare"],
     "round_timeout": 600.0,
     "eval_tokens": 1024,
+    "keep": "",
 }
 PARTS = ("local_train_s", "upload_s", "flower_s", "aggregate_s")
 
@@ -127,11 +134,15 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     n_byz = math.ceil(float(p["byzantine_fraction"]) * n)
     if n - n_byz < 2:
         raise ValueError(f"{n} nodes with {n_byz} Byzantine leave fewer than 2 honest nodes")
+    keep = str(p["keep"])
+    if keep and Path(keep).exists() and any(Path(keep).iterdir()):
+        raise ValueError(f"[federation] keep = {keep!r} is not empty; name a new folder")
     corpus = {d: _texts(d, int(p["chars"]), int(p["doc_chars"])) for d in set(domains)}
     specs = [NodeSpec(f"node{i}", corpus[domains[i % len(domains)]],
                       byzantine="scale:100" if i >= n - n_byz else "") for i in range(n)]
     byzantine = {s.name for s in specs if s.byzantine}
-    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+    with (contextlib.nullcontext(keep) if keep
+          else tempfile.TemporaryDirectory(prefix="bench-federation-")) as tmp:
         timings, sizes, versions, tolerated = _federate(p, specs, byzantine, Path(tmp))
         key = load_public_key(Path(tmp) / "coordinator" / "coordinator.pub")
     rt = load("default", quant="int8", device="cpu")
@@ -156,6 +167,8 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     rows.append(ctx.row(SECTION, "bytes_per_node_mb", max(all_sizes) / 1e6, "MB", note))
     rows += [ctx.row(SECTION, f"bytes{{round={r}}}", statistics.fmean(b), "B")
              for r, b in sorted(sizes.items())]
+    rows += [ctx.row(SECTION, f"round_latency_s{{round={r}}}", t, "s")
+             for r, t in zip(sorted(sizes), timings["round_latency_s"], strict=True)]
     rows.append(ctx.row(SECTION, "heldout_ppl", ppl[-1], "ppl", note))
     rows += [ctx.row(SECTION, f"heldout_ppl{{round={m.round}}}", v, "ppl")
              for m, v in zip(versions, ppl, strict=True)]

@@ -160,3 +160,13 @@ def test_round_plots_ignore_the_unlabelled_summary_row(tmp_path):
     assert _plot_rounds(rows, "heldout_ppl", "held-out ppl", tmp_path / "p.png")
     assert (tmp_path / "p.png").exists()
     assert not _plot_rounds(rows[:1], "heldout_ppl", "held-out ppl", tmp_path / "q.png")
+
+
+def test_federation_refuses_a_keep_folder_that_is_not_empty(tmp_path):
+    """`keep` must name a new or empty folder: the run would mix its store with another's."""
+    from bench import federation
+
+    (tmp_path / "coordinator").mkdir()
+    with pytest.raises(ValueError, match="is not empty"):
+        federation.run({"keep": str(tmp_path)}, BenchContext())
+    assert [p.name for p in tmp_path.iterdir()] == ["coordinator"]
