@@ -66,7 +66,7 @@ def _run_task(runtime_api_address: str, token: str) -> None:
         code = 0
     except SystemExit as exc:  # flwr_exit ends every task this way
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
-    except BaseException:  # noqa: BLE001 - anything else must not unwind into the parent's loop
+    except BaseException:  # anything else must not unwind into the parent's loop
         log.exception("ClientApp task failed")
     finally:
         sys.stdout.flush()
