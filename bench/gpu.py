@@ -19,8 +19,8 @@ Called by the ``inference`` and ``memory`` sections under ``--device cuda``
 
 Random weights carry no meaning, so a confidence threshold rarely fires on
 them: the 64-step figure is an upper bound of what a trained model needs.
-Kernel times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed
-before each call, median).
+Kernel times come from :func:`graph_us` (CUDA-graph replays over weight copies
+larger than L2, median), the way the fast path runs them.
 """
 
 from __future__ import annotations
@@ -51,10 +51,45 @@ SHAPES = ((4096, 4096), (12288, 4096), (24576, 4096), (4096, 12288), (126464, 40
 DEVICE_COPY_TBS = 2.94  # H100 device-to-device copy, bytes read + written (issue #6)
 
 
-def _median_us(fn: Callable[[], object]) -> float:
-    import triton.testing  # CUDA only
+_ROTATE_BYTES = 192 << 20  # weight copies per timing: together ~4x the H100's 50 MB L2
 
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")) * 1e3
+
+def graph_us(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Median µs of one of ``calls``, timed as CUDA-graph replays of all of them in a row.
+
+    The fast path runs every weight-only product inside a CUDA graph, one after
+    another, each on a weight no cache holds; this times them the same way.
+    ``calls`` are one product on different copies of its weight (together
+    larger than L2, :func:`weight_copies`), so each call reads its weight from
+    memory, and a replay has no Python in it: the time is the device's alone.
+    (``triton.testing.do_bench`` times one Python call between two events after
+    flushing L2; docs/benchmarks.md compares the two.)
+    """
+    for fn in calls:  # compile and warm up outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    del graph
+    return ms[replays // 2] / len(calls) * 1e3
+
+
+def weight_copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """``tensors`` and clones of them, enough that together they exceed L2 several times."""
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(2, min(24, -(-_ROTATE_BYTES // size)))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,7 +97,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
-    """Time (µs) and error of each weight-only product candidate, per shape and M."""
+    """Time (µs, :func:`graph_us`) and error of each weight-only product candidate."""
     from ruvdllm.kernels.weight_only import (  # Triton: CUDA only
         _int4_fused,
         int4_dequantize,
@@ -78,6 +113,9 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
         torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
         q4, q8 = Int4Linear.from_linear(lin, 32), Int8Linear.from_linear(lin)
         w4, w8 = q4.dequantize(torch.float32), q8.dequantize(torch.float32)
+        bf16s = weight_copies((lin.weight,))
+        int4s = weight_copies((q4.weight, q4.scales))
+        int8s = weight_copies((q8.weight, q8.scales))
         for M in tokens:
             if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
                 continue
@@ -92,15 +130,15 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                                         _rel_err(y, x.float() @ w.t()), "",
                                         note="Triton vs float32 product of the dequantized "
                                              "weight"))
-            candidates: dict[str, Callable[[], object]] = {
-                "bf16": partial(F.linear, x, lin.weight),
-                "int4": partial(int4_matmul, x, q4.weight, q4.scales),
-                "int4_fused": partial(_int4_fused, x, q4.weight, q4.scales),
-                "int8": partial(int8_matmul, x, q8.weight, q8.scales),
+            candidates: dict[str, list[Callable[[], object]]] = {
+                "bf16": [partial(F.linear, x, w) for (w,) in bf16s],
+                "int4": [partial(int4_matmul, x, p, s) for p, s in int4s],
+                "int4_fused": [partial(_int4_fused, x, p, s) for p, s in int4s],
+                "int8": [partial(int8_matmul, x, w, s) for w, s in int8s],
             }
             int4_bytes = N * K // 2 + q4.scales.numel() * 2
-            for name, fn in candidates.items():
-                us = _median_us(fn)
+            for name, fns in candidates.items():
+                us = graph_us(fns)
                 note = ""
                 if name == "int4":
                     path = "dequant + cuBLAS" if uses_dequantize(M, q4.weight) else "fused"
@@ -108,7 +146,7 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                             f" of {DEVICE_COPY_TBS} TB/s")
                 rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}", us, "us",
                                     note=note))
-        del lin, q4, q8, w4, w8
+        del lin, q4, q8, w4, w8, bf16s, int4s, int8s
         torch.cuda.empty_cache()
     return rows
 

@@ -113,11 +113,15 @@ def test_weight_only_kernels_match_dequantized_product(scheme, M, N, K):
 
 @cuda
 @pytest.mark.parametrize("M,N,K", [(32, 256, 512), (7, 96, 64), (64, 512, 8192),
-                                   (300, 512, 384), (48, 20480, 256)])
+                                   (300, 512, 384), (48, 20480, 256), (130, 8320, 4096)])
 def test_every_int4_path_matches_dequantized_product(M, N, K):
     import torch.nn.functional as F
 
-    from ruvdllm.kernels.weight_only import _int4_fused, int4_dequantize
+    from ruvdllm.kernels.weight_only import (
+        _int4_dequant_matmul,
+        _int4_fused,
+        int4_dequantize,
+    )
 
     torch.manual_seed(M * N)
     q = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"), 32)
@@ -125,8 +129,10 @@ def test_every_int4_path_matches_dequantized_product(M, N, K):
     ref = x.double() @ q.dequantize(torch.float64).t()
     exact = q.dequantize(torch.bfloat16)
     assert torch.equal(int4_dequantize(q.weight, q.scales, torch.bfloat16), exact)
+    # the last shape's 16-bit weight (68 MB) is dequantized in two column chunks
     for name, y in (("fused", _int4_fused(x, q.weight, q.scales)),
-                    ("dequant", F.linear(x, int4_dequantize(q.weight, q.scales, x.dtype)))):
+                    ("dequant", F.linear(x, int4_dequantize(q.weight, q.scales, x.dtype))),
+                    ("chunked", _int4_dequant_matmul(x, q.weight, q.scales))):
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, name
 
 

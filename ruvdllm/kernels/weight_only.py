@@ -13,27 +13,31 @@ Why not torch's packed kernel: ``_weight_int4pack_mm`` measured slower than
 bfloat16 on the H100 at these shapes (issue #6, docs/decisions.md).
 
 int4 kernel, built for the 32-64 rows of a cached step (measurements in
-docs/decisions.md):
+docs/decisions.md; ``bench/int4_sweep.py`` chooses the tiles):
 
-* **decoding is the bottleneck, not bytes**: decoded one value at a time
-  (shift, mask, convert, subtract, scale: ~8 instructions per weight) the
-  kernel ran at 10-25% of memory bandwidth whatever its tiles. Here one
-  inline-PTX call decodes 4 bytes (8 values) with 32-bit and paired 16-bit
-  instructions (``prmt`` spreads two bytes into the halves of a register, a
-  mask and an OR put a nibble ``u`` under the exponent of ``BIAS``, so the
-  16-bit pattern is the float ``BIAS + u``; one paired FMA subtracts ``BIAS + 8``,
-  one multiplies by the scale): ~2.6 instructions per weight (the
-  magic-number decoding of FasterTransformer's and Marlin's int4 kernels);
-  the result is rounded as :func:`ruvdllm.quant.dequantize_int4` rounds;
-* **swapped operands** (``yᵀ = W xᵀ``): the weight tile is the left operand
-  of ``tl.dot``, so the stored row-major layout is read as it lies (16-byte
-  loads along K) and the small M is the product's narrow side;
+* **decoding**: one inline-PTX call decodes 4 bytes into 4 registers, each
+  the pair (low, high nibble) of one byte as 16-bit floats times the scale:
+  ``prmt`` puts the byte and the byte shifted by 4 into the two halves of a
+  register, one ``lop3`` masks the nibbles under the exponent of ``BIAS`` (the
+  16-bit pattern is then the float ``BIAS + u``), one paired FMA subtracts
+  ``BIAS + 8`` exactly, one multiplies by the scale: ~2.25 instructions per
+  weight (the magic-number decoding of FasterTransformer's and Marlin's int4
+  kernels), rounded as :func:`ruvdllm.quant.dequantize_int4` rounds. A
+  register already holds two neighbouring columns, so no shuffle interleaves
+  the nibbles afterwards;
+* **swapped operands** (``yᵀ = W xᵀ``): the decoded weight tile is the left
+  operand of ``tl.dot``, straight from registers, and the small M is the
+  product's narrow side;
 * **one tile of rows** covers M (≤ 64), so each weight tile is decoded once;
-* **fixed tiles per shape** (:func:`_int4_config`), measured on the H100 for
-  the 8B shapes; split-K with float32 atomics (the split-K idea of CUTLASS)
-  only where a long K leaves few column tiles;
+* **offsets as tile index times a constant**, so Triton knows the scales'
+  alignment and copies them asynchronously in its pipeline with the bytes;
+* **split-K** with float32 atomics (the split-K idea of CUTLASS) where N alone
+  leaves too few programs for the 132 multiprocessors;
+* tiles and splits per shape from a sweep timed as the fast path runs the
+  products (``bench/int4_sweep.py``: CUDA-graph replays, weights not in L2);
 * from 128 rows a Triton dequantization followed by cuBLAS (the product is no
-  longer bound by weight bytes), where the transient 16-bit weight is small.
+  longer bound by weight bytes), in column chunks of at most
+  ``_DEQUANT_CHUNK_BYTES`` so the transient 16-bit weight stays small.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)
@@ -41,7 +45,7 @@ docs/decisions.md):
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,33 +100,30 @@ def _bucket(m: int) -> int:
 
 
 def _decode_asm(dtype: torch.dtype) -> str:
-    """Inline PTX decoding 4 int4-packed bytes ($4) with their scales ($5, $6).
+    """Inline PTX decoding 4 int4-packed bytes ($4) with their scales ($5-$8).
 
-    Outputs: $0/$1 the low nibbles of bytes 0-1 / 2-3, $2/$3 the high nibbles,
-    each a pair of 16-bit floats ``(v) * scale``; ``v = u - 8`` where ``u`` is
-    the nibble after flipping its top bit (so the signed nibble ``v`` maps to
-    ``u = v + 8`` in 0..15, exact as ``BIAS + u``).
+    Output ``$i`` is byte ``i``'s pair (low nibble, high nibble) as two 16-bit
+    floats ``v * scale`` (low half first: columns ``2j, 2j+1``), with the scale
+    pair ``(s, s)`` of input ``$(5+i)``; ``v = u - 8`` where ``u`` is the nibble
+    after flipping its top bit (so the signed nibble ``v`` maps to ``u = v + 8``
+    in 0..15, exact as ``BIAS + u``). Elementwise: output ``i`` reads only input
+    byte ``i`` and scale ``i``, as ``tl.inline_asm_elementwise`` requires.
     """
-    if dtype == torch.bfloat16:  # BIAS 128: 0x4300; 1.0; -(128 + 8); -0.0
-        magic, one, bias, neg_zero, fma = "0x43004300", "0x3F803F80", "0xC308C308", \
-            "0x80008000", "fma.rn.bf16x2"
-    else:  # float16, BIAS 1024: 0x6400; 1.0; -(1024 + 8); -0.0
-        magic, one, bias, neg_zero, fma = "0x64006400", "0x3C003C00", "0xE408E408", \
-            "0x80008000", "fma.rn.f16x2"
+    if dtype == torch.bfloat16:  # BIAS 128: 0x4300; 1.0; -(128 + 8)
+        magic, one, bias, fma = "0x43004300", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2"
+    else:  # float16, BIAS 1024: 0x6400; 1.0; -(1024 + 8)
+        magic, one, bias, fma = "0x64006400", "0x3C003C00", "0xE408E408", "fma.rn.f16x2"
     lines = [
-        "{", ".reg .b32 r, t0, t1, a, one, bias, nz, z;",
-        f"mov.b32 one, {one};", f"mov.b32 bias, {bias};", f"mov.b32 nz, {neg_zero};",
-        "mov.b32 z, 0;",
+        "{", ".reg .b32 r, h, t, one, bias, nz;",
+        f"mov.b32 one, {one};", f"mov.b32 bias, {bias};", "mov.b32 nz, 0x80008000;",
         "xor.b32 r, $4, 0x88888888;",  # every nibble v -> v + 8
-        "prmt.b32 t0, r, z, 0x4140;",  # bytes 0, 1 into the two 16-bit halves
-        "prmt.b32 t1, r, z, 0x4342;",  # bytes 2, 3
+        "shr.b32 h, r, 4;",  # each byte's high nibble in its low 4 bits
     ]
-    for out, src, scale in (("$0", "t0", "$5"), ("$1", "t1", "$6"), ("$2", "t0", "$5"),
-                            ("$3", "t1", "$6")):
-        if out == "$2":
-            lines += ["shr.b32 t0, t0, 4;", "shr.b32 t1, t1, 4;"]  # the high nibbles
-        lines += [f"and.b32 a, {src}, 0x000F000F;", f"or.b32 a, a, {magic};",
-                  f"{fma} a, a, one, bias;", f"{fma} {out}, a, {scale}, nz;"]
+    for i in range(4):
+        select = i | i << 4 | (4 + i) << 8 | (4 + i) << 12  # byte i of r, then of h
+        lines += [f"prmt.b32 t, r, h, {select:#06x};",
+                  f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA;",  # (t & mask) | magic
+                  f"{fma} t, t, one, bias;", f"{fma} ${i}, t, ${5 + i}, nz;"]
     return "\n".join([*lines, "}"])
 
 
@@ -130,28 +131,47 @@ _ASM = {torch.bfloat16: _decode_asm(torch.bfloat16), torch.float16: _decode_asm(
 
 
 @triton.jit
-def _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn,  # type: ignore[no-untyped-def]
-               DTYPE: tl.constexpr, ASM: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile ``(BLOCK_N, BLOCK_K)`` of K iteration ``it``, dequantized to DTYPE."""
+def _int4_load(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn,  # type: ignore[no-untyped-def]
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed bytes ``(BLOCK_N, BLOCK_K / 2)`` and scales ``(BLOCK_N, BLOCK_K / GROUP)`` of
+    K tile ``it``.
+
+    Offsets are written as ``it`` times a constant so that Triton knows their
+    alignment: the scale rows of a tile (16 bytes at BLOCK_K 256) then load with
+    asynchronous copies inside its pipeline; written as ``k0 // GROUP`` they
+    were loaded synchronously every iteration (measured: 57.7 against 39.7 µs,
+    4 096 x 12 288 at M = 64).
+    """
     rj = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, BLOCK_K // GROUP)
     p = tl.load(w_ptr + rn[:, None] * stride_wn + (it * (BLOCK_K // 2) + rj)[None, :],
-                mask=n_ok[:, None], other=0)  # (BN, BK/2) uint8, two nibbles each
+                mask=n_ok[:, None], other=0)
     s = tl.load(s_ptr + rn[:, None] * stride_sn + (it * (BLOCK_K // GROUP) + rg)[None, :],
-                mask=n_ok[:, None], other=0.0).to(DTYPE)  # (BN, BK/G)
+                mask=n_ok[:, None], other=0.0)
+    return p, s
+
+
+@triton.jit
+def _int4_decode(p, s, DTYPE: tl.constexpr, ASM: tl.constexpr,  # type: ignore[no-untyped-def]
+                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile ``(BLOCK_N, BLOCK_K)`` of DTYPE from :func:`_int4_load`'s bytes and scales."""
+    s = s.to(DTYPE)
+    half = s.dtype
+    s = s.to(tl.uint16, bitcast=True).to(tl.uint32) * 65537  # (BN, BK/G): pairs (s, s)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)),
-                   (BLOCK_N, BLOCK_K // 2))  # (BN, BK/2): each byte's scale
-    low, high = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [p, s],
-                                          dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
-    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # columns 2j, 2j+1 interleaved
+                   (BLOCK_N, BLOCK_K // 2))  # (BN, BK/2): each byte's scale pair
+    pairs = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r", [p, s], dtype=tl.uint32,
+                                      is_pure=True, pack=4)  # (BN, BK/2): columns 2j, 2j+1
+    low, high = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
+                                          dtype=(half, half), is_pure=True, pack=1)
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # the halves of one register
 
 
 @triton.jit
 def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
-                 stride_xm, stride_wn, stride_sn, stride_ym, SPLIT_K,
+                 stride_xm, stride_wn, stride_sn, stride_ym,
                  ASM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -161,21 +181,18 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     m_ok = rm < M
-    iters = K // BLOCK_K
-    per_split = tl.cdiv(iters, SPLIT_K)
-    it_lo = pid_k * per_split
-    it_hi = tl.minimum(it_lo + per_split, iters)
+    per_split = K // BLOCK_K // SPLIT_K  # the host makes SPLIT_K divide the K tiles
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for it in range(it_lo, it_hi):
-        w = _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn,
-                       x_ptr.dtype.element_ty, ASM, GROUP, BLOCK_N, BLOCK_K)
+    for it in range(pid_k * per_split, (pid_k + 1) * per_split):
+        p, s = _int4_load(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, GROUP, BLOCK_K)
+        w = _int4_decode(p, s, x_ptr.dtype.element_ty, ASM, GROUP, BLOCK_N, BLOCK_K)
         xt = tl.load(x_ptr + rm[None, :] * stride_xm + (it * BLOCK_K + rk)[:, None],
                      mask=m_ok[None, :], other=0.0)  # (BK, BM)
         acc = tl.dot(w, xt, acc)
     y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ok = n_ok[:, None] & m_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y, acc, mask=ok)
+    if SPLIT_K > 1:
+        tl.atomic_add(y, acc, mask=ok, sem="relaxed")
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -184,12 +201,12 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped
 def _int4_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K,  # type: ignore[no-untyped-def]
                          stride_wn, stride_sn, ASM: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The whole weight ``(N, K)`` dequantized (for large M: then one cuBLAS product)."""
+    """The weight ``(N, K)`` dequantized (for large M: then one cuBLAS product)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     it = tl.program_id(1)
     n_ok = rn < N
-    w = _int4_tile(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, y_ptr.dtype.element_ty,
-                   ASM, GROUP, BLOCK_N, BLOCK_K)
+    p, s = _int4_load(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, GROUP, BLOCK_K)
+    w = _int4_decode(p, s, y_ptr.dtype.element_ty, ASM, GROUP, BLOCK_N, BLOCK_K)
     tl.store(y_ptr + rn[:, None] * K + (it * BLOCK_K + tl.arange(0, BLOCK_K))[None, :], w,
              mask=n_ok[:, None])
 
@@ -222,23 +239,34 @@ def _grid(M: int, N: int):  # type: ignore[no-untyped-def]
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
 
-def _int4_config(m: int, N: int, K: int) -> tuple[int, int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split)`` of the fused kernel.
+class Int4Config(NamedTuple):
+    """Tiles of the fused int4 kernel: rows (x), columns (weight), K; launch shape."""
 
-    Measured on the H100 for the 8B shapes (bench/int4_sweep.py; docs/decisions.md):
-    up to 32 rows, 32-column tiles 256 wide in K keep enough programs in flight,
-    except for the wide products (fused gate/up, LM head: 64 x 128); at 64 rows
-    64-column tiles; the long-K product (MLP down, K = 12 288) splits K in two.
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    split_k: int
+
+
+def _int4_config(m: int, N: int, K: int) -> Int4Config:
+    """The fused kernel's configuration for ``m`` rows of an ``(N, K)`` weight.
+
+    From the H100 sweep of every 8B shape at 32 and 64 rows (bench/int4_sweep.py,
+    docs/decisions.md): 64-column tiles, 4 warps, 3 stages throughout; K tiles of
+    128 (256 for N = 4 096 at 64 rows); split-K so that about 256 programs run
+    (N = 4 096: 4 at 32 rows, 2 at 64; N = 12 288: 2). Above 64 rows (where
+    :func:`uses_dequantize` does not take cuBLAS): 128 x 128 x 64 tiles, 8 warps.
     """
-    wide = N >= 20_000
+    if m > 64:
+        return Int4Config(128, 128, 64, 8, 3, 1)
+    tiles = triton.cdiv(N, 64)
     if m <= 32:
-        bm = max(16, _bucket(m))
-        return (bm, 64, 128, 4, 4, 1) if wide else (bm, 32, 256, 4, 4, 1)
-    if m <= 64:
-        if wide:
-            return 64, 64, 128, 4, 3, 1
-        return (64, 64, 256, 4, 3, 2) if K >= 8192 else (64, 64, 256, 4, 4, 1)
-    return 128, 64, 128, 8, 3, 1
+        split = 4 if tiles <= 64 else 2 if tiles <= 192 else 1
+        return Int4Config(max(16, _bucket(m)), 64, 128, 4, 3, split)
+    split = 2 if tiles <= 192 else 1
+    return Int4Config(64, 64, 256 if tiles <= 64 else 128, 4, 3, split)
 
 
 def _block_k(K: int, group: int, want: int) -> int:
@@ -251,21 +279,23 @@ def _block_k(K: int, group: int, want: int) -> int:
     return bk
 
 
-def _int4_fused(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
-    """The fused kernel (float32 atomics where its configuration splits K)."""
+def _int4_fused(x: Tensor, packed: Tensor, scales: Tensor,
+                cfg: Int4Config | None = None) -> Tensor:
+    """The fused kernel (float32 atomics where the configuration splits K)."""
     M, K = x.shape
     N = packed.shape[0]
     group = K // scales.shape[1]
-    bm, bn, bk, warps, stages, split = _int4_config(M, N, K)
+    bm, bn, bk, warps, stages, split = cfg or _int4_config(M, N, K)
     bk = _block_k(K, group, bk)
-    split = min(split, K // bk)
+    while split > 1 and (K // bk) % split:
+        split //= 2
     y = (torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1
          else torch.empty(M, N, dtype=x.dtype, device=x.device))
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _int4_kernel[grid](x, packed, scales, y, M, N, K, x.stride(0), packed.stride(0),
-                       scales.stride(0), y.stride(0), split, ASM=_ASM[x.dtype], GROUP=group,
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ATOMIC=split > 1,
-                       num_warps=warps, num_stages=stages)
+                       scales.stride(0), y.stride(0), ASM=_ASM[x.dtype], GROUP=group,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                       num_stages=stages)
     return y.to(x.dtype)
 
 
@@ -281,28 +311,51 @@ def int4_dequantize(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> Tenso
     return y
 
 
-# Largest transient 16-bit weight of the dequantize path: every linear of the 8B shape
-# (fused q/k/v and gate/up too) but the LM head (1 GB), where the fused kernel is used.
+# Dequantize + cuBLAS from 128 rows for weights up to this size in 16 bits, except
+# up to _FUSED_WIDE_MAX_ROWS rows for wide weights (N >= 8 192), where the fused kernel
+# measured faster (12 288 x 4 096 at 128 rows: 68 vs 90 µs; 24 576 x 4 096 at 256:
+# 155 vs 196 µs; at 384 rows dequantize + cuBLAS wins: 106 vs 135, 212 vs 232 µs).
+# The LM head (1 GB in 16 bits) always takes the fused kernel: 666 vs 1 013 µs at 256
+# rows (bench/int4_sweep.py, H100).
 _DEQUANT_MAX_BYTES = 256 << 20
-_DEQUANT_MIN_ROWS = 128  # below, the fused kernel measured faster inside the step graphs
+_DEQUANT_MIN_ROWS = 128
+_FUSED_WIDE_MAX_ROWS = 256
+# The 16-bit weight is made and used in column chunks of at most this many bytes: the
+# transient stays small (W4 peak-memory goal; 24 576 x 4 096 was one 201 MB copy).
+_DEQUANT_CHUNK_BYTES = 64 << 20
 
 
 def uses_dequantize(m: int, packed: Tensor) -> bool:
     """Whether :func:`int4_matmul` dequantizes for cuBLAS at ``m`` rows."""
-    return m >= _DEQUANT_MIN_ROWS and packed.numel() * 4 <= _DEQUANT_MAX_BYTES
+    if m < _DEQUANT_MIN_ROWS or packed.numel() * 4 > _DEQUANT_MAX_BYTES:
+        return False
+    return packed.shape[0] < 8192 or m > _FUSED_WIDE_MAX_ROWS
+
+
+def _int4_dequant_matmul(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    """``x Wᵀ`` through cuBLAS, the weight dequantized in chunks of output columns."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    rows = max(64, _DEQUANT_CHUNK_BYTES // (2 * K) // 64 * 64)  # output columns per chunk
+    if rows >= N:
+        return F.linear(x, int4_dequantize(packed, scales, x.dtype))
+    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    for n0 in range(0, N, rows):
+        w = int4_dequantize(packed[n0:n0 + rows], scales[n0:n0 + rows], x.dtype)
+        torch.mm(x, w.t(), out=y[:, n0:n0 + rows])  # (M, chunk): a column block of y
+    return y
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     """``x`` ``(M, K)`` times the int4 weight ``(N, K/2)`` transposed: ``(M, N)`` in x's dtype.
 
-    The fused kernel up to 127 rows (and for weights too large to dequantize);
-    from 128 rows Triton dequantization followed by cuBLAS.
+    The fused kernel at few rows; at many (:func:`uses_dequantize`) Triton
+    dequantization followed by cuBLAS, chunked over the output columns.
     """
     if x.dtype not in _ASM:
         raise ValueError(f"int4_matmul takes bfloat16 or float16 activations, got {x.dtype}")
     x = x.contiguous()
     if uses_dequantize(x.shape[0], packed):
-        return F.linear(x, int4_dequantize(packed, scales, x.dtype))
+        return _int4_dequant_matmul(x, packed, scales)
     return _int4_fused(x, packed, scales)
 
 
