@@ -11,9 +11,14 @@ the best configuration per (shape, M) last; every timing goes to
 
 ``python3 -m bench.int4_sweep [seconds]`` (default 330: the sweep stops adding
 configurations after that many seconds and still prints its table).
-"""
 
-from __future__ import annotations
+``python3 -m bench.int4_sweep --parts``: what bounds the fused kernel. Its loop with
+the decoding removed (the bytes converted as they are) and with a bf16 weight read
+in the same tiles instead, at the shipped configurations (docs/decisions.md).
+
+(No ``from __future__ import annotations`` here: Triton reads the kernel's
+``tl.constexpr`` annotations as objects.)
+"""
 
 import json
 import os
@@ -24,15 +29,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 import triton.testing
 
 from bench.gpu import DEVICE_COPY_TBS, SHAPES, graph_us, weight_copies
 from ruvdllm.kernels.weight_only import (
+    _ASM,
     Int4Config,
     _bucket,
     _int4_config,
+    _int4_decode,
     _int4_dequant_matmul,
     _int4_fused,
+    _int4_load,
 )
 from ruvdllm.quant import dequantize_int4
 
@@ -41,7 +51,8 @@ GROUP = 32
 SMALL = [(32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
          (64, 256, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
 # (block_m, block_n, block_k, warps, stages) of the fused kernel from 128 rows
-LARGE = [(128, 128, 64, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 8, 4)]
+LARGE = [(128, 64, 128, 4, 3), (128, 64, 128, 4, 4), (128, 64, 256, 4, 3), (64, 64, 128, 4, 3),
+         (128, 32, 128, 4, 3), (256, 64, 128, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3)]
 
 
 def configs(M: int, N: int) -> list[Int4Config]:
@@ -90,7 +101,74 @@ def timer_check(log: Any) -> None:
             print("timer", rec, flush=True)
 
 
+@triton.jit
+def _parts_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+                  stride_xm, stride_wn, stride_sn, stride_ym,
+                  ASM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  PART: tl.constexpr):
+    """``_int4_kernel``'s loop (one row tile) with a part replaced: PART 0 as shipped,
+    1 the packed bytes converted without decoding, 2 a bf16 weight ``(N, K)``."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    per_split = K // BLOCK_K // SPLIT_K
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for it in range(tl.program_id(1) * per_split, (tl.program_id(1) + 1) * per_split):
+        if PART == 2:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + (it * BLOCK_K + rk)[None, :],
+                        mask=n_ok[:, None], other=0.0)
+        else:
+            p, s = _int4_load(w_ptr, s_ptr, rn, n_ok, it, stride_wn, stride_sn, GROUP, BLOCK_K)
+            if PART == 1:  # (BN, BK/2) bytes -> (BN, BK) values, no decoding
+                w = tl.reshape(tl.join(p, p), (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+            else:
+                w = _int4_decode(p, s, x_ptr.dtype.element_ty, ASM, GROUP, BLOCK_N, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (it * BLOCK_K + rk)[:, None],
+                     mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
+        acc = tl.dot(w, xt, acc)
+    tl.atomic_add(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc,
+                  mask=n_ok[:, None] & (rm < M)[None, :], sem="relaxed")
+
+
+def _parts_call(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, cfg: Int4Config,
+                part: int) -> torch.Tensor:
+    M, K = x.shape
+    y = torch.zeros(M, w.shape[0], dtype=torch.float32, device=x.device)
+    _parts_kernel[(triton.cdiv(w.shape[0], cfg.block_n), cfg.split_k)](
+        x, w, s, y, M, w.shape[0], K, x.stride(0), w.stride(0), s.stride(0), y.stride(0),
+        ASM=_ASM[x.dtype], GROUP=GROUP, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PART=part, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    return y
+
+
+def parts() -> None:
+    """Time the shipped configurations with the decoding removed / with bf16 weights."""
+    print("N x K | M | shipped | bytes not decoded | bf16 weight (µs, % of 2.94 TB/s)")
+    for N, K in ((24576, 4096), (4096, 12288), (126464, 4096)):
+        packed, scales = random_int4(N, K)
+        int4s = weight_copies((packed, scales))
+        bf16s = weight_copies((torch.randn(N, K, device="cuda", dtype=torch.bfloat16), scales))
+        for M in (32, 64):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            cfg = _int4_config(M, N, K)
+            cells = []
+            for part, copies in ((0, int4s), (1, int4s), (2, bf16s)):
+                us = graph_us([partial(_parts_call, x, w, s, cfg, part) for w, s in copies])
+                w0 = copies[0][0]
+                nbytes = w0.numel() * w0.element_size() + (scales.numel() * 2 if part < 2 else 0)
+                cells.append(f"{us:.1f} ({nbytes / us / 1e6 / DEVICE_COPY_TBS:.0%})")
+            print(f"{N}x{K} | {M} | " + " | ".join(cells), flush=True)
+        del packed, scales, int4s, bf16s
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--parts"]:
+        parts()
+        return
     out = os.environ.get("OUT", ".")
     budget = float(sys.argv[1]) if len(sys.argv) > 1 else 330
     t0 = time.time()

@@ -28,15 +28,16 @@ docs/decisions.md; ``bench/int4_sweep.py`` chooses the tiles):
 * **swapped operands** (``yᵀ = W xᵀ``): the decoded weight tile is the left
   operand of ``tl.dot``, straight from registers, and the small M is the
   product's narrow side;
-* **one tile of rows** covers M (≤ 64), so each weight tile is decoded once;
+* **one tile of rows** covers M up to 64, so each weight tile is decoded once
+  (above, tiles of 128 rows);
 * **offsets as tile index times a constant**, so Triton knows the scales'
   alignment and copies them asynchronously in its pipeline with the bytes;
 * **split-K** with float32 atomics (the split-K idea of CUTLASS) where N alone
   leaves too few programs for the 132 multiprocessors;
 * tiles and splits per shape from a sweep timed as the fast path runs the
   products (``bench/int4_sweep.py``: CUDA-graph replays, weights not in L2);
-* from 128 rows a Triton dequantization followed by cuBLAS (the product is no
-  longer bound by weight bytes), in column chunks of at most
+* above 256 rows, for K = 4 096, a Triton dequantization followed by cuBLAS
+  (the product is no longer bound by weight bytes), in column chunks of at most
   ``_DEQUANT_CHUNK_BYTES`` so the transient 16-bit weight stays small.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
@@ -257,10 +258,10 @@ def _int4_config(m: int, N: int, K: int) -> Int4Config:
     docs/decisions.md): 64-column tiles, 4 warps, 3 stages throughout; K tiles of
     128 (256 for N = 4 096 at 64 rows); split-K so that about 256 programs run
     (N = 4 096: 4 at 32 rows, 2 at 64; N = 12 288: 2). Above 64 rows (where
-    :func:`uses_dequantize` does not take cuBLAS): 128 x 128 x 64 tiles, 8 warps.
+    :func:`uses_dequantize` does not take cuBLAS): 128 rows x 64 columns x 128.
     """
     if m > 64:
-        return Int4Config(128, 128, 64, 8, 3, 1)
+        return Int4Config(128, 64, 128, 4, 3, 1)
     tiles = triton.cdiv(N, 64)
     if m <= 32:
         split = 4 if tiles <= 64 else 2 if tiles <= 192 else 1
@@ -311,15 +312,14 @@ def int4_dequantize(packed: Tensor, scales: Tensor, dtype: torch.dtype) -> Tenso
     return y
 
 
-# Dequantize + cuBLAS from 128 rows for weights up to this size in 16 bits, except
-# up to _FUSED_WIDE_MAX_ROWS rows for wide weights (N >= 8 192), where the fused kernel
-# measured faster (12 288 x 4 096 at 128 rows: 68 vs 90 µs; 24 576 x 4 096 at 256:
-# 155 vs 196 µs; at 384 rows dequantize + cuBLAS wins: 106 vs 135, 212 vs 232 µs).
-# The LM head (1 GB in 16 bits) always takes the fused kernel: 666 vs 1 013 µs at 256
-# rows (bench/int4_sweep.py, H100).
+# Dequantize + cuBLAS only above _FUSED_MAX_ROWS rows, for weights of K < 8 192 up to
+# _DEQUANT_MAX_BYTES in 16 bits. Measured on the H100 (bench/int4_sweep.py, graph-timed):
+# up to 256 rows the fused kernel is faster on every 8B shape (24 576 x 4 096 at 256
+# rows: 122 vs 196 µs); at 384-512 rows cuBLAS is ahead for K = 4 096 (12 288 x 4 096
+# at 384: 106 vs 114 µs) but not for the MLP down product (K = 12 288: 107 vs 132 µs),
+# nor for the LM head (1 GB in 16 bits; 618 vs 1 013 µs at 256 rows).
 _DEQUANT_MAX_BYTES = 256 << 20
-_DEQUANT_MIN_ROWS = 128
-_FUSED_WIDE_MAX_ROWS = 256
+_FUSED_MAX_ROWS = 256
 # The 16-bit weight is made and used in column chunks of at most this many bytes: the
 # transient stays small (W4 peak-memory goal; 24 576 x 4 096 was one 201 MB copy).
 _DEQUANT_CHUNK_BYTES = 64 << 20
@@ -327,9 +327,8 @@ _DEQUANT_CHUNK_BYTES = 64 << 20
 
 def uses_dequantize(m: int, packed: Tensor) -> bool:
     """Whether :func:`int4_matmul` dequantizes for cuBLAS at ``m`` rows."""
-    if m < _DEQUANT_MIN_ROWS or packed.numel() * 4 > _DEQUANT_MAX_BYTES:
-        return False
-    return packed.shape[0] < 8192 or m > _FUSED_WIDE_MAX_ROWS
+    return (m > _FUSED_MAX_ROWS and packed.shape[1] * 2 < 8192
+            and packed.numel() * 4 <= _DEQUANT_MAX_BYTES)
 
 
 def _int4_dequant_matmul(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
