@@ -17,3 +17,4 @@ class RoundReason(StrEnum):
     MISSING_DELTA = "missing_delta"
     RECEIPT_MISMATCH = "receipt_mismatch"
     EXCLUDED_BY_DAF = "excluded_by_daf"
+    REDUNDANT_UPDATE = "redundant_update"  # empty, or a copy of another node's update

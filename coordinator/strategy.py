@@ -90,7 +90,7 @@ class StrategySettings:
     density: float = 0.05
     local_steps: int = 20
     learning_rate: float = 1e-3
-    clip_norm: float = 1.0
+    clip_norm: float = 8.0
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
 
@@ -391,7 +391,7 @@ class RuvStrategy(FedAvg):
             raise _KeepVersion(str(exc)) from None
         except ValueError as exc:  # a rule's own n/f condition (e.g. Multi-Krum n >= 2f+3)
             raise _KeepVersion(f"aggregation needs more updates: {exc}") from None
-        kept = sorted(set(deltas) - set(result.excluded))
+        kept = sorted(set(deltas) - set(result.excluded) - set(result.redundant))
         for node in result.excluded:
             self._refuse(
                 _Refusal(RoundReason.EXCLUDED_BY_DAF,
@@ -399,6 +399,9 @@ class RuvStrategy(FedAvg):
                          f"{result.scores[node]}", node, deltas[node].digest),
                 current.round,
             )
+        for node, why in result.redundant.items():
+            self._refuse(_Refusal(RoundReason.REDUNDANT_UPDATE, why, node, deltas[node].digest),
+                         current.round)
         if len(kept) < s.required:
             raise _KeepVersion(str(QuorumNotMet(len(kept), s.required)))
         merged = result.merged

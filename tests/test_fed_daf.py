@@ -66,7 +66,8 @@ def test_repeat_offender_is_flagged_down_weighted_then_excluded():
 
 
 def test_gain_weighting_favours_nodes_that_report_a_gain():
-    updates = {"domain": {f"n{i}": np.array([float(i >= 3)]) for i in range(6)}}
+    # two groups of distinct updates (identical ones would count once: redundant)
+    updates = {"domain": {f"n{i}": np.array([float(i >= 3) + 0.01 * (i + 1)]) for i in range(6)}}
     config = DAFConfig(rules={"domain": BankRule("mean", weight_by_gain=True)})
     low = (
         DAF(config)
@@ -93,8 +94,11 @@ def test_configuration_errors_and_quorum():
         daf.aggregate({"other": {"a": np.zeros(2)}})
     with pytest.raises(ValueError, match="same nodes"):
         daf.aggregate({"fine": {"a": np.zeros(2)}, "coarse": {"b": np.zeros(2)}})
-    with pytest.raises(QuorumNotMet):
-        daf.aggregate({"fine": {n: np.zeros(2) for n in "abcd"}})
+    distinct = {n: np.array([1.0, float(k)]) for k, n in enumerate("abcd")}
+    with pytest.raises(QuorumNotMet):  # f = 2 needs 5 updates
+        daf.aggregate({"fine": distinct})
+    with pytest.raises(QuorumNotMet):  # four empty updates: none left to aggregate
+        DAF().aggregate({"fine": {n: np.zeros(2) for n in "abcd"}})
 
 
 def test_max_f_is_the_largest_f_each_rule_accepts_under_n_at_least_3f_plus_1():
@@ -149,3 +153,26 @@ def test_automatic_f_keeps_three_scaled_updates_out_of_the_coarse_bank_where_f_0
     np.testing.assert_allclose(auto, honest_mean)  # Multi-Krum keeps the 7 honest updates
     fixed = DAF(DAFConfig(f=0)).aggregate(updates).merged["coarse"]
     assert np.linalg.norm(fixed - honest_mean) > 10 * np.linalg.norm(honest_mean)
+
+
+def test_redundant_updates_count_once_and_are_not_scored():
+    """Copies (Sybils, or the one vector ALIE/IPM attackers share) and empty updates are set
+    aside before scoring: the merge is that of the distinct updates alone."""
+    rng = np.random.default_rng(5)
+    honest = {f"h{i}": rng.normal(1.0, 0.1, size=8) for i in range(6)}
+    crafted = -5.0 * np.mean(list(honest.values()), axis=0)
+    sybils = {f"s{i}": crafted * (1 + 1e-4 * i) for i in range(3)}  # within duplicate_tol
+    updates = {"coarse": {**honest, **sybils, "free": np.zeros(8)}}
+    result = DAF(DAFConfig(rules={"coarse": BankRule("mean")})).aggregate(updates)
+    assert result.redundant == {"s1": "repeats s0's update", "s2": "repeats s0's update",
+                                "free": "empty update"}
+    assert set(result.scores) == {*honest, "s0"}
+    kept = {**honest, "s0": sybils["s0"]}  # weighted by reputation: s0's norm flags it
+    expected = np.average(list(kept.values()), axis=0,
+                          weights=[result.reputations[n] for n in kept])
+    np.testing.assert_allclose(result.merged["coarse"], expected)
+    # honest nodes on different data are never near-identical: nothing set aside
+    assert DAF(DAFConfig(rules={"coarse": BankRule("mean")})).aggregate(
+        {"coarse": honest}).redundant == {}
+    with pytest.raises(ValueError, match="duplicate_tol"):
+        DAFConfig(duplicate_tol=1.0)

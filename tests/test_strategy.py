@@ -207,3 +207,19 @@ def test_differential_privacy_records_epsilon(tmp_path):
     assert 0 < eps[0] < eps[1]
     strategy = RuvStrategy(fed.store, fed.key, settings(dp_noise=1.0))
     assert strategy.accountant is not None and strategy.accountant.rounds == 2
+
+
+def test_a_copy_of_another_nodes_update_counts_once(tmp_path):
+    """Two nodes sending the same delta (Sybils): the second is recorded as redundant and does
+    not contribute; the round still merges."""
+    fed = make_federation(tmp_path, 7)
+    rng = np.random.default_rng(11)
+    nodes = {i: honest(fed, f"node{i}", rng) for i in range(5)}
+    nodes[5] = node(fed, "node5", np.random.default_rng(99))
+    nodes[6] = node(fed, "node6", np.random.default_rng(99))  # the same draws: the same delta
+    run(fed, LoopbackGrid(nodes), rounds=1)
+    assert reasons(fed, 1) == [("node6", RoundReason.REDUNDANT_UPDATE)]
+    [rejection] = fed.store.rejections(1)
+    assert rejection.detail == "repeats node5's update"
+    contributors = fed.store.load_adapter(2).contributors
+    assert "node5" in contributors and "node6" not in contributors
