@@ -24,6 +24,7 @@ Every key has a default, so an empty file (or none) is a working loopback setup.
     port = 9095
     tls = false
     insecure = false                  # allow plaintext on a non-loopback host
+    max_watchers = 256                # open WatchAdapters streams (one thread each); more: refused
 
     [rounds]
     num_rounds = 10
@@ -108,6 +109,7 @@ class ServiceSection:
     port: int = 9095
     tls: bool = False
     insecure: bool = False
+    max_watchers: int = 256
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ def _validate(cfg: CoordinatorConfig) -> None:
         (cfg.dp.noise_multiplier >= 0 and 0 < cfg.dp.delta < 1, "dp: noise >= 0, 0 < delta < 1"),
         (not cfg.superlink.node_auth or cfg.superlink.tls, "superlink.node_auth needs tls"),
         (all(0 < p < 65536 for p in (cfg.superlink.port, cfg.service.port)), "ports: 1..65535"),
+        (cfg.service.max_watchers >= 1, "service.max_watchers must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

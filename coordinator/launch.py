@@ -269,7 +269,7 @@ def start(cfg: CoordinatorConfig, *, submit: bool = True) -> Deployment:
                         logger.warning("SuperNode key of %s not registered: %s", node.node_id, exc)
         service = serve(store, cfg.service.host, cfg.service.port,
                         tls=tls_files(cfg) if cfg.service.tls else None,
-                        insecure=cfg.service.insecure)
+                        insecure=cfg.service.insecure, max_watchers=cfg.service.max_watchers)
         deployment = Deployment(cfg, store, superlink, service, flwr_home=home)
         if submit:
             deployment.run_id = submit_run(cfg, home)

@@ -22,6 +22,12 @@ SuperLink, whose state is in memory and whose node registrations are lost) was r
 and restarts its SuperNode (node_agent.supernode). WatchAdapters sends it when the stream
 opens, not with the first version, so a node that is up to date learns it at once.
 
+Each open watch stream holds one of the server's worker threads for as long as the node
+stays connected, so the pool is `max_watchers` + `UNARY_WORKERS`: uploads and `GetAdapter`
+always find a thread, and a watcher beyond `max_watchers` is answered RESOURCE_EXHAUSTED
+(the node reconnects with backoff and fetches the versions it needs with `GetAdapter`).
+With a fixed pool of 32, 32 connected nodes would have left no thread for `SubmitDelta`.
+
 The server binds loopback by default; any other address needs TLS material or an explicit
 `insecure=True`, so deltas never cross a network in clear text by accident.
 """
@@ -54,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20
 WATCH_POLL_S = 0.5
+MAX_WATCHERS = 256  # open WatchAdapters streams (one worker thread each)
+UNARY_WORKERS = 16  # threads kept for SubmitDelta and GetAdapter
 INSTANCE_KEY = "ruvdllm-coordinator-instance"  # initial metadata key of every answer
 
 
@@ -62,9 +70,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     sent in every answer's metadata (a new one per start)."""
 
     def __init__(self, store: Store, stop: threading.Event, poll_s: float = WATCH_POLL_S,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, max_watchers: int = MAX_WATCHERS) -> None:
         self.store, self.stop, self.poll_s = store, stop, poll_s
         self.instance = instance or uuid.uuid4().hex
+        self.max_watchers = max_watchers
+        self._watchers = threading.BoundedSemaphore(max_watchers)
 
     def _announce(self, context: grpc.ServicerContext) -> None:
         """Send this instance's id as initial metadata (before any message)."""
@@ -154,13 +164,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         (gzip-compressed)."""
         context.set_compression(grpc.Compression.Gzip)
         self._announce(context)
-        after = request.after_version
-        while context.is_active() and not self.stop.is_set():
-            latest = self.store.latest_version()
-            if latest is not None and latest.version > after:
-                yield self.store.load_adapter(latest.version)
-                after = latest.version
-            self.stop.wait(self.poll_s)
+        if not self._watchers.acquire(blocking=False):
+            logger.warning("refused a watcher from %s: %d streams open", context.peer(),
+                           self.max_watchers)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_watchers} adapter watchers are connected; poll "
+                          "GetAdapter or retry later")
+        try:
+            after = request.after_version
+            while context.is_active() and not self.stop.is_set():
+                latest = self.store.latest_version()
+                if latest is not None and latest.version > after:
+                    yield self.store.load_adapter(latest.version)
+                    after = latest.version
+                self.stop.wait(self.poll_s)
+        finally:
+            self._watchers.release()
 
 
 @dataclass
@@ -185,13 +204,15 @@ def serve(
     *,
     tls: TlsFiles | None = None,
     insecure: bool = False,
-    max_workers: int = 32,
+    max_watchers: int = MAX_WATCHERS,
 ) -> ServiceServer:
     """Start the service on host:port (0 = a free port) in this process's thread pool.
 
-    Raises ValueError for a non-loopback host without TLS unless `insecure`, and
-    RuntimeError when the address cannot be bound.
+    Raises ValueError for a non-loopback host without TLS unless `insecure`, or for
+    `max_watchers` < 1, and RuntimeError when the address cannot be bound.
     """
+    if max_watchers < 1:
+        raise ValueError(f"max_watchers must be >= 1, got {max_watchers}")
     if tls is None and not insecure and not is_loopback(host):
         raise ValueError(
             f"refusing to serve deltas in clear text on {host}; configure TLS "
@@ -199,12 +220,13 @@ def serve(
         )
     stop = threading.Event()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
+        futures.ThreadPoolExecutor(max_workers=max_watchers + UNARY_WORKERS,
+                                   thread_name_prefix="coordinator"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    servicer = CoordinatorService(store, stop)
+    servicer = CoordinatorService(store, stop, max_watchers=max_watchers)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls is None:

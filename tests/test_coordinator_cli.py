@@ -31,7 +31,8 @@ def test_config_defaults_overrides_and_errors(tmp_path):
     for bad, message in [(["rounds.fraction=0"], "fraction"), (["nope.x=1"], "unknown sections"),
                          (["rounds.typo=1"], "unknown keys"), (["model.rank=two"], "must be int"),
                          (["aggregation.fine=avg"], "choose one of"),
-                         (["superlink.node_auth=true"], "needs tls"), (["rounds"], "section.key")]:
+                         (["superlink.node_auth=true"], "needs tls"), (["rounds"], "section.key"),
+                         (["service.max_watchers=0"], "max_watchers must be >= 1")]:
         with pytest.raises(ConfigError, match=message):
             load(path, bad)
     path.write_text("[rounds\n")

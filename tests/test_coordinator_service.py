@@ -2,6 +2,7 @@
 
 import hashlib
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -93,6 +94,44 @@ def test_watch_streams_the_latest_then_each_new_version(fed, stub):
     with pytest.raises(grpc.RpcError) as err:
         next(quiet)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_watchers_beyond_the_bound_are_refused_and_uploads_still_served(fed):
+    """Each watch stream holds a worker thread: past `max_watchers` a watcher is refused
+    (RESOURCE_EXHAUSTED) while uploads and GetAdapter keep their own threads; a closed
+    stream frees its place."""
+    running = serve(fed.store, max_watchers=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    try:
+        open_streams = [stub.WatchAdapters(pb.WatchAdaptersRequest(after_version=0), timeout=20)
+                        for _ in range(2)]
+        assert [next(s).version for s in open_streams] == [1, 1]  # both are being served
+        with pytest.raises(grpc.RpcError) as err:
+            next(stub.WatchAdapters(pb.WatchAdaptersRequest(after_version=0), timeout=20))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 adapter watchers" in err.value.details()
+        body = encode(fed, "node0", 1, 1, delta_banks(np.random.default_rng(3)))
+        assert submit(stub, body).accepted
+        assert stub.GetAdapter(pb.GetAdapterRequest(version=0), timeout=10).version == 1
+        open_streams[0].cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the server releases the place once it sees the cancellation
+            try:
+                third = stub.WatchAdapters(pb.WatchAdaptersRequest(after_version=0), timeout=20)
+                assert next(third).version == 1
+                third.cancel()
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the cancelled stream kept its place"
+                time.sleep(0.2)
+        open_streams[1].cancel()
+    finally:
+        channel.close()
+        running.stop()
+    with pytest.raises(ValueError, match="max_watchers"):
+        serve(fed.store, max_watchers=0)
 
 
 def test_tls_with_init_tls_material(fed, tmp_path):
