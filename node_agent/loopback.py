@@ -214,6 +214,11 @@ byzantine = "{spec.byzantine}"
         log.info("coordinator up: SuperLink pid %d on %s, service on %s",
                  self.deployment.superlink_pid, self.coordinator_cfg.superlink_address,
                  self.coordinator_cfg.service_address)
+        self.start_nodes(configs)
+
+    def start_nodes(self, configs: list[NodeConfig]) -> None:
+        """Start one agent per spec with the configs of :meth:`prepare`; wait until all serve
+        (their coordinator may be one this harness did not start, as in the fault tests)."""
         for spec, cfg in zip(self.specs, configs, strict=True):
             self.nodes.append(self._start_node(spec, cfg))
         for node in self.nodes:

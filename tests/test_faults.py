@@ -454,10 +454,7 @@ def test_coordinator_sigkilled_mid_round_restarts_and_resumes(tmp_path: Path) ->
     configs = fed.prepare()
     coordinator = _start_coordinator(cfg, log)
     try:
-        for spec, node_cfg in zip(fed.specs, configs, strict=True):
-            fed.nodes.append(fed._start_node(spec, node_cfg))
-        for node in fed.nodes:
-            fed._wait_ready(node)
+        fed.start_nodes(configs)
         _wait(lambda: _open_round(cfg.state_dir) == 2, 300, "round 2 open")
         time.sleep(random.Random(1).uniform(0.5, 3.0))  # the nodes are training / uploading
         victims = process_tree([coordinator.pid])
