@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "domains": ["pydocs", "kerneldocs", "shakespeare"],
     "round_timeout": 600.0,
     "eval_tokens": 1024,
+    "density": 0.05,  # the coordinator's default (DESIGN: top-k 5 %)
     "keep": "",
 }
 PARTS = ("local_train_s", "upload_s", "flower_s", "aggregate_s")
@@ -83,7 +84,7 @@ def _federate(p: dict[str, Any], specs: list[NodeSpec], byzantine: set[str], tmp
     """Run the rounds under ``tmp``: per-round timings, bytes, the versions, tolerance."""
     settings = Settings(rounds=int(p["rounds"]), local_steps=int(p["local_steps"]),
                         learning_rate=float(p["learning_rate"]), seq_len=int(p["seq_len"]),
-                        batch_size=int(p["batch_size"]),
+                        batch_size=int(p["batch_size"]), density=float(p["density"]),
                         round_timeout=float(p["round_timeout"]), quorum=2,
                         rules={} if len(specs) - len(byzantine) >= 3 else
                         {"coarse": "trimmed_mean"})
