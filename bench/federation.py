@@ -2,7 +2,7 @@
 
 Runs a real loopback federation (:mod:`node_agent.loopback`: SuperLink, Coordinator gRPC
 service, one ``ruvdllm-node`` process with its SuperNode per node; node ``i`` trains on the
-train split of ``domains[i % len(domains)]``) for ``rounds`` rounds, with
+train split of ``domains[i % len(domains)]``, its own share of it) for ``rounds`` rounds, with
 ``ceil(byzantine_fraction · nodes)`` of the nodes sending deltas scaled by 100, and reads
 the coordinator's store (with fewer than 3 honest nodes the coarse bank is aggregated with
 a trimmed mean: the default Multi-Krum needs n >= 2f + 3). Rows (means over rounds unless
@@ -69,13 +69,20 @@ DEFAULTS: dict[str, Any] = {
 PARTS = ("local_train_s", "upload_s", "flower_s", "aggregate_s")
 
 
-def _texts(domain: str, chars: int, doc_chars: int) -> list[str]:
+def _texts(domain: str, chars: int, doc_chars: int, part: int) -> list[str]:
+    """About ``chars`` characters of the domain's train split, in pieces of ≤ ``doc_chars``:
+    the ``part``-th such share, so nodes on one domain hold different text (identical text
+    would give identical updates, which DAF counts once)."""
     out: list[str] = []
+    shares = 0
     for doc in documents(domain, "train"):
         out.append(doc[:doc_chars])
         if sum(map(len, out)) >= chars:
-            break
-    return out
+            if shares == part:
+                return out
+            shares, out = shares + 1, []
+    raise ValueError(f"{domain}'s train split has fewer than {part + 1} shares of {chars} "
+                     "characters; lower [federation] chars or nodes")
 
 
 def _federate(p: dict[str, Any], specs: list[NodeSpec], byzantine: set[str], tmp: Path
@@ -138,8 +145,8 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     keep = str(p["keep"])
     if keep and Path(keep).exists() and any(Path(keep).iterdir()):
         raise ValueError(f"[federation] keep = {keep!r} is not empty; name a new folder")
-    corpus = {d: _texts(d, int(p["chars"]), int(p["doc_chars"])) for d in set(domains)}
-    specs = [NodeSpec(f"node{i}", corpus[domains[i % len(domains)]],
+    specs = [NodeSpec(f"node{i}", _texts(domains[i % len(domains)], int(p["chars"]),
+                                         int(p["doc_chars"]), i // len(domains)),
                       byzantine="scale:100" if i >= n - n_byz else "") for i in range(n)]
     byzantine = {s.name for s in specs if s.byzantine}
     with (contextlib.nullcontext(keep) if keep
