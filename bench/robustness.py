@@ -93,7 +93,7 @@ DEFAULTS: dict[str, Any] = {  # bench.toml's [robustness] sets the same
     "learning_rate": 5e-3,
     "seq_len": 32,
     "batch_size": 4,
-    "clip_norm": 8.0,
+    "clip_norm": 3.0,
     "density": 0.05,
     "eval_tokens": 256,
     "eval_samples": 3,

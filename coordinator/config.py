@@ -35,7 +35,7 @@ Every key has a default, so an empty file (or none) is a working loopback setup.
     local_steps = 20
     learning_rate = 0.001
     density = 0.05                    # top-k fraction nodes keep
-    clip_norm = 8.0                   # nodes clip the whole delta to this L2 norm (< max_norm)
+    clip_norm = 3.0                   # nodes clip the whole delta to this L2 norm (< max_norm)
 
     [aggregation]                     # DAF (federation.daf)
     byzantine_f = "auto"              # tolerated Byzantine nodes: an int >= 0, or "auto"
@@ -122,7 +122,7 @@ class RoundsSection:
     local_steps: int = 20
     learning_rate: float = 1e-3
     density: float = 0.05
-    clip_norm: float = 8.0
+    clip_norm: float = 3.0
 
 
 AUTO_F: Final = "auto"

@@ -90,7 +90,7 @@ class StrategySettings:
     density: float = 0.05
     local_steps: int = 20
     learning_rate: float = 1e-3
-    clip_norm: float = 8.0
+    clip_norm: float = 3.0
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
 

@@ -70,7 +70,7 @@ class Settings:
     local_steps: int = 4
     learning_rate: float = 5e-3
     density: float = 0.05
-    clip_norm: float = 8.0
+    clip_norm: float = 3.0
     max_norm: float = 10.0
     round_timeout: float = 180.0
     byzantine_f: int | None = None  # None: DAF's automatic f (the coordinator's default)
