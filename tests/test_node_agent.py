@@ -54,15 +54,18 @@ class World:
     state_dir: Path
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("fed")
+def agent_with_coordinator(root: Path, text: str | None = None
+                           ) -> tuple[Store, ServiceServer, NodeAgent, Path]:
+    """A coordinator store and service under ``root`` and an enrolled node agent "alice"
+    (no SuperNode) with ``text`` as its local document; returns them and the coordinator's
+    state folder. The caller stops the service and closes the store."""
     ccfg = coordinator_config.load(None, [f"coordinator.state_dir={json.dumps(str(root / 'c'))}"])
     store = prepare_state(ccfg)
     service = serve(store, "127.0.0.1", 0)
     home = root / "node"
     (home / "data").mkdir(parents=True)
-    (home / "data" / "doc.txt").write_text(TEXT)
+    if text is not None:
+        (home / "data" / "doc.txt").write_text(text)
     (home / "node.toml").write_text(f"""
 [node]
 id = "alice"
@@ -80,10 +83,17 @@ batch_size = 2
 """)
     agent = NodeAgent(load_config(home / "node.toml"))
     store.enroll("alice", public_key_bytes(agent.identity.key))
+    return store, service, agent, ccfg.state_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    store, service, agent, state_dir = agent_with_coordinator(
+        tmp_path_factory.mktemp("fed"), TEXT)
     server, port = serve_agent(agent.service, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield World(store, service, agent, pb_grpc.NodeAgentStub(channel), ccfg.state_dir)
+        yield World(store, service, agent, pb_grpc.NodeAgentStub(channel), state_dir)
     finally:
         channel.close()
         server.stop(0)

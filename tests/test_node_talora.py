@@ -22,17 +22,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from coordinator import config as coordinator_config
-from coordinator.launch import prepare_state
-from coordinator.service import ServiceServer, serve
+from coordinator.service import ServiceServer
 from coordinator.store import Store
-from federation import public_key_bytes
 from node_agent.agent import NodeAgent
-from node_agent.config import load_config
 from node_agent.engine import Chunk
 from node_agent.trainer import fingerprint
 from proto import ruvdllm_pb2 as pb
 from ruvdllm.talora import BANKS, DELTA_KIND, TALoRA
+from tests.test_node_agent import agent_with_coordinator
 
 CODE = ("The os.path module implements functions on path names. Use join() to combine parts "
         "and split() to take them apart; nothing touches the file system. ") * 40
@@ -53,32 +50,11 @@ class Node:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     root = tmp_path_factory.mktemp("talora")
-    ccfg = coordinator_config.load(None, [f"coordinator.state_dir={json.dumps(str(root / 'c'))}"])
-    store = prepare_state(ccfg)
-    service = serve(store, "127.0.0.1", 0)
-    home = root / "node"
-    (home / "data").mkdir(parents=True)
-    (home / "node.toml").write_text(f"""
-[node]
-id = "alice"
-home = "."
-[grpc]
-port = 0
-[coordinator]
-address = "127.0.0.1:{service.port}"
-public_key = "{ccfg.state_dir / 'coordinator.pub'}"
-[supernode]
-enabled = false
-[training]
-seq_len = 32
-batch_size = 2
-""")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    agent = NodeAgent(load_config(home / "node.toml"))
-    store.enroll("alice", public_key_bytes(agent.identity.key))
+    store, service, agent, _ = agent_with_coordinator(root)
     try:
-        yield Node(store, service, agent, home / "data")
+        yield Node(store, service, agent, root / "node" / "data")
     finally:
         torch.set_num_threads(threads)
         service.stop()
