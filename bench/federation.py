@@ -74,13 +74,14 @@ def _texts(domain: str, chars: int, doc_chars: int, part: int) -> list[str]:
     the ``part``-th such share, so nodes on one domain hold different text (identical text
     would give identical updates, which DAF counts once)."""
     out: list[str] = []
-    shares = 0
+    shares = size = 0
     for doc in documents(domain, "train"):
         out.append(doc[:doc_chars])
-        if sum(map(len, out)) >= chars:
+        size += len(out[-1])
+        if size >= chars:
             if shares == part:
                 return out
-            shares, out = shares + 1, []
+            shares, out, size = shares + 1, [], 0
     raise ValueError(f"{domain}'s train split has fewer than {part + 1} shares of {chars} "
                      "characters; lower [federation] chars or nodes")
 

@@ -66,9 +66,14 @@ def _median(x: np.ndarray, f: int, w: np.ndarray | None) -> np.ndarray:
     return np.median(x, axis=0)
 
 
-def _krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
+    """‖x_i − x_j‖² for the rows of x (n, d), from one Gram matrix: (n, n)."""
     sq = np.sum(x * x, axis=1)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    return np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+
+
+def _krum_scores(x: np.ndarray, f: int) -> np.ndarray:
+    dist = pairwise_sq_distances(x)
     np.fill_diagonal(dist, np.inf)
     neighbours = max(1, len(x) - f - 2)
     return np.sum(np.sort(dist, axis=1)[:, :neighbours], axis=1)

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from federation.aggregators import RULES, WEIGHTED_RULES, aggregate, max_f
+from federation.aggregators import RULES, WEIGHTED_RULES, aggregate, max_f, pairwise_sq_distances
 
 BANKS = ("coarse", "domain", "fine")
 
@@ -128,8 +128,7 @@ class DAFResult:
 def redundant_updates(x: np.ndarray, tol: float) -> dict[int, int | None]:
     """Rows of x (n, d) that add nothing: row → the earlier row it repeats, or None if empty."""
     norms = np.linalg.norm(x, axis=1)
-    sq = norms * norms
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))  # (n, n)
+    dist = np.sqrt(pairwise_sq_distances(x))  # (n, n)
     out: dict[int, int | None] = {}
     for i in range(len(x)):
         if norms[i] == 0:

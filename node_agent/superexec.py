@@ -88,7 +88,7 @@ def serve(runtime_api_address: str, supernode_pid: int, poll_s: float = POLL_S) 
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     children: set[int] = set()
-    unreachable_since: float | None = None
+    reachable = True  # log only the first failure of a run of them
     log.info("serving ClientApp tasks of SuperNode %d at %s (poll %.2f s)", supernode_pid,
              runtime_api_address, poll_s)
     try:
@@ -97,13 +97,13 @@ def serve(runtime_api_address: str, supernode_pid: int, poll_s: float = POLL_S) 
             try:
                 res = client.AcquireTask(request)
             except httpx.TransportError as err:  # the SuperNode's API is not up (yet)
-                if unreachable_since is None:
-                    unreachable_since = time.monotonic()
+                if reachable:
+                    reachable = False
                     log.info("runtime API at %s not reachable yet: %s", runtime_api_address,
                              err)
                 time.sleep(poll_s)
                 continue
-            unreachable_since = None
+            reachable = True
             if res.HasField("task") and res.token:
                 pid = os.fork()
                 if pid == 0:
