@@ -55,7 +55,7 @@ def _train(args: argparse.Namespace) -> None:
                       warmup=args.warmup, time_budget=args.time_budget,
                       eval_every=args.eval_every, prefix_fraction=args.prefix_fraction,
                       weight_decay=args.weight_decay, compile=not args.no_compile,
-                      seed=args.seed, model=model)
+                      seed=args.seed, model=model, init=args.init)
     print(f"best checkpoint: {train(cfg, args.tokenizer)}")
 
 
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stopping (resume by running again)")
     t.add_argument("--model-json", default="", help='model config overrides, e.g. '
                    '\'{"d_model": 384, "n_layers": 8}\'')
+    t.add_argument("--init", default="", help="start from this checkpoint's weights (a folder "
+                   "or default); config overrides from --model-json still apply")
     t.add_argument("--no-compile", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)

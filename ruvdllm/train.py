@@ -17,7 +17,9 @@ Data is the packed token stream of a corpus export (documents joined by EOS);
 a step draws random windows of ``seq_len`` tokens. Runs are resumable (device
 commands last at most 10 minutes): the newest state is saved to
 ``OUT/state.pt`` every ``save_every`` seconds and at the time budget, and the
-checkpoint with the lowest validation loss is written to ``OUT/best``.
+checkpoint with the lowest validation loss is written to ``OUT/best``. With
+``init`` a run starts from a checkpoint's weights instead of a random
+network (continued pre-training with a new schedule, e.g. with dropout).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = True
     model: dict[str, Any] = field(default_factory=dict)
+    init: str = ""  # checkpoint folder (or shipped name) to start from; "" = random weights
 
 
 def token_stream(texts: list[str], tok: Tokenizer) -> Tensor:
@@ -145,6 +148,27 @@ def validate(model: DiffusionLM, stream: Tensor, cfg: TrainConfig, amp: bool) ->
     return total / cfg.eval_batches
 
 
+def initial_weights(cfg: TrainConfig, tok: Tokenizer) -> DiffusionLM | None:
+    """The float32 network named by ``cfg.init``, checked against the run, or None."""
+    if not cfg.init:
+        return None
+    from ruvdllm.checkpoint import load_model
+
+    base = load_model(cfg.init, dtype=torch.float32)
+    bc = base.config
+    if bc.quantization:
+        raise ValueError(f"init {cfg.init}: a quantized checkpoint cannot be trained further; "
+                         "start from its float weights")
+    if (bc.vocab_size, bc.mask_token_id) != (tok.vocab_size, tok.mask_token_id):
+        raise ValueError(f"init {cfg.init}: vocabulary {bc.vocab_size} (mask {bc.mask_token_id})"
+                         f" does not match the tokenizer's {tok.vocab_size} "
+                         f"(mask {tok.mask_token_id})")
+    if bc.causal != (cfg.objective == "ar"):
+        raise ValueError(f"init {cfg.init}: a {'causal' if bc.causal else 'bidirectional'} "
+                         f"model cannot be trained with the {cfg.objective} objective")
+    return base
+
+
 def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
     """Train (or resume) and return the folder of the best checkpoint."""
     from tqdm import tqdm
@@ -153,12 +177,13 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
     from ruvdllm.corpus import read_export
     if cfg.objective not in ("diffusion", "ar"):
         raise ValueError(f"unknown objective {cfg.objective!r} (diffusion or ar)")
+    tok = Tokenizer(tokenizer_file)
+    init = initial_weights(cfg, tok)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"
     torch.manual_seed(cfg.seed)
-    tok = Tokenizer(tokenizer_file)
 
     def split_stream(split: str) -> Tensor:
         docs = [d for dom in cfg.domains for d in read_export(cfg.data, dom, split)]
@@ -171,9 +196,12 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
         "mask_token_id": tok.mask_token_id, "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
         "max_sequence_length": max(512, cfg.seq_len), "causal": cfg.objective == "ar",
+        **(init.config.to_dict() if init is not None else {}),
         **cfg.model,
     })
     model = DiffusionLM(mcfg).to(dev)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 
 from ruvdllm.checkpoint import load_model
@@ -67,3 +68,26 @@ def test_losses_on_a_fixed_batch():
     causal = DiffusionLM(ModelConfig(**TINY, vocab_size=64, embedding_size=64, mask_token_id=3,
                                      causal=True))
     assert torch.isfinite(ar_loss(causal, x0))
+
+
+def test_init_continues_from_a_checkpoint_with_config_overrides(tmp_path):
+    _export(tmp_path / "data")
+    first = train(_config(tmp_path, max_steps=30), TOKENIZER)
+    start = load_model(first)
+    # zero steps of training after init: the saved network is the initial one, with dropout
+    cont = _config(tmp_path, out=str(tmp_path / "cont"), init=str(first), max_steps=1,
+                   lr=0.0, model={"residual_dropout": 0.2})
+    second = load_model(train(cont, TOKENIZER))
+    assert second.config.residual_dropout == 0.2
+    assert second.config.d_model == TINY["d_model"]
+    for name, value in start.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[name], value)
+
+
+def test_init_refuses_a_mismatched_checkpoint(tmp_path):
+    _export(tmp_path / "data")
+    first = train(_config(tmp_path, max_steps=30), TOKENIZER)
+    with pytest.raises(ValueError, match="cannot be trained with the ar objective"):
+        train(_config(tmp_path, out=str(tmp_path / "ar"), objective="ar", init=str(first)),
+              TOKENIZER)
+    assert not (tmp_path / "ar").exists()
