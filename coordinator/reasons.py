@@ -18,3 +18,4 @@ class RoundReason(StrEnum):
     RECEIPT_MISMATCH = "receipt_mismatch"
     EXCLUDED_BY_DAF = "excluded_by_daf"
     REDUNDANT_UPDATE = "redundant_update"  # empty, or a copy of another node's update
+    OPPOSED_UPDATE = "opposed_update"  # points against the other updates' sum (DAF)

@@ -391,7 +391,8 @@ class RuvStrategy(FedAvg):
             raise _KeepVersion(str(exc)) from None
         except ValueError as exc:  # a rule's own n/f condition (e.g. Multi-Krum n >= 2f+3)
             raise _KeepVersion(f"aggregation needs more updates: {exc}") from None
-        kept = sorted(set(deltas) - set(result.excluded) - set(result.redundant))
+        kept = sorted(set(deltas) - set(result.excluded) - set(result.redundant)
+                      - set(result.opposed))
         for node in result.excluded:
             self._refuse(
                 _Refusal(RoundReason.EXCLUDED_BY_DAF,
@@ -402,6 +403,10 @@ class RuvStrategy(FedAvg):
         for node, why in result.redundant.items():
             self._refuse(_Refusal(RoundReason.REDUNDANT_UPDATE, why, node, deltas[node].digest),
                          current.round)
+        for node, cos in result.opposed.items():
+            self._refuse(_Refusal(RoundReason.OPPOSED_UPDATE,
+                                  f"cosine {cos:+.3f} with the other updates' sum", node,
+                                  deltas[node].digest), current.round)
         if len(kept) < s.required:
             raise _KeepVersion(str(QuorumNotMet(len(kept), s.required)))
         merged = result.merged

@@ -33,6 +33,23 @@ coordinate-wise rules see at most one copy per group (the idea of FoolsGold, Fun
 that trained on the same text with the same seed send the same update; keeping one of them
 loses no information. Measured in docs/robustness.md.
 
+Then opposed updates are set aside: updates that pull against the others. With top-k
+sparsification each node keeps different coordinates, so honest updates are nearly
+orthogonal and a node's update reversed (sign flip) is as far from the others as an honest
+one, ‖−x_i − x_j‖ ≈ ‖x_i − x_j‖: distance-based rules (Multi-Krum) cannot tell it apart.
+Its direction gives it away (the trust score of FLTrust, Cao et al. 2021, with the others'
+sum in place of a server-side reference): with s_i = Σ_{j≠i} x_j / ‖x_j‖ over the other
+remaining updates (unit vectors, so one large update cannot outvote the rest),
+
+    c_i = cos(x_i, s_i),   set aside argmin_i c_i while  c_i < 0  and
+    c_i < median_j c_j − opposed_z · max(1.4826 · MAD_j c_j, 1e-12),
+
+recomputing s and the statistics after each, at most f updates (the automatic f below, over
+the distinct updates). Both conditions: an update aligned with the rest is never set aside,
+and among honest updates with no shared direction (cosines around 0) the outlier test
+keeps the negative tail in. An opposed update counts as flagged in its node's reputation,
+so a node that keeps pulling against the others fades out. Measured in docs/robustness.md.
+
 The tolerated Byzantine count f is automatic by default: each round and bank takes
 `aggregators.max_f(rule, n)` for the n kept updates, the largest f under n >= 3f + 1 that the
 bank's rule accepts (3 of 10 for the default rules). A fixed f of 0 would make Multi-Krum keep
@@ -92,6 +109,7 @@ class DAFConfig:
     exclude_below: float = 0.2
     gain_cap: float = 3.0
     duplicate_tol: float = 0.01
+    opposed_z: float | None = 3.0  # None: keep opposed updates
 
     def __post_init__(self) -> None:
         if self.f is not None and self.f < 0:
@@ -100,6 +118,8 @@ class DAFConfig:
             raise ValueError("need 0 < decay <= 1, 0 < exclude_below < 1 and gain_cap >= 1")
         if not 0 <= self.duplicate_tol < 1:
             raise ValueError(f"duplicate_tol must be in [0, 1), got {self.duplicate_tol}")
+        if self.opposed_z is not None and not self.opposed_z > 0:
+            raise ValueError(f"opposed_z must be > 0 or None (off), got {self.opposed_z}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +134,9 @@ class NodeScore:
 @dataclass(frozen=True)
 class DAFResult:
     """Merged flat vector per bank, each node's scores, reputations after the round, exclusions
-    by reputation, the f each bank's rule was run with, and the redundant updates set aside
-    (node → why: empty, or the node whose update it repeats; these are not scored)."""
+    by reputation, the f each bank's rule was run with, the redundant updates set aside
+    (node → why: empty, or the node whose update it repeats) and the opposed ones (node → its
+    cosine with the others' sum); neither of the last two is scored."""
 
     merged: dict[str, np.ndarray]
     scores: dict[str, NodeScore]
@@ -123,6 +144,7 @@ class DAFResult:
     excluded: list[str]
     f: dict[str, int]
     redundant: dict[str, str] = field(default_factory=dict)
+    opposed: dict[str, float] = field(default_factory=dict)
 
 
 def redundant_updates(x: np.ndarray, tol: float) -> dict[int, int | None]:
@@ -138,6 +160,25 @@ def redundant_updates(x: np.ndarray, tol: float) -> dict[int, int | None]:
             if j not in out and dist[i, j] <= tol * max(norms[i], norms[j]):
                 out[i] = j
                 break
+    return out
+
+
+def opposed_updates(x: np.ndarray, limit: int, z: float) -> dict[int, float]:
+    """Rows of x (n, d), none zero, that pull against the others: row → its cosine with the
+    sum of their directions."""
+    out: dict[int, float] = {}
+    rest = list(range(len(x)))
+    while len(out) < limit and len(rest) > 2:
+        unit = x[rest] / np.linalg.norm(x[rest], axis=1, keepdims=True)  # (m, d)
+        others = unit.sum(axis=0) - unit  # (m, d): each row's others' sum of directions
+        cos = np.einsum("md,md->m", unit, others) / np.maximum(
+            np.linalg.norm(others, axis=1), 1e-300)
+        centre = float(np.median(cos))
+        spread = max(1.4826 * float(np.median(np.abs(cos - centre))), 1e-12)
+        k = int(np.argmin(cos))
+        if not (cos[k] < 0 and cos[k] < centre - z * spread):
+            break
+        out[rest.pop(k)] = float(cos[k])
     return out
 
 
@@ -193,6 +234,12 @@ class DAF:
         redundant = {nodes[i]: "empty update" if j is None else f"repeats {nodes[j]}'s update"
                      for i, j in repeats.items()}
         unique = [k for k in range(len(nodes)) if k not in repeats]
+        opposing = {} if cfg.opposed_z is None else opposed_updates(
+            whole[unique], cfg.f if cfg.f is not None else (len(unique) - 1) // 3, cfg.opposed_z)
+        opposed = {nodes[unique[k]]: c for k, c in opposing.items()}
+        for node in opposed:
+            self.reputations[node] = (1 - cfg.decay) * self.reputations.get(node, 1.0)
+        unique = [u for k, u in enumerate(unique) if k not in opposing]
         nodes = [nodes[k] for k in unique]
         stacked = {b: x[unique] for b, x in stacked.items()}
         distance, norm_z = {}, {}
@@ -231,4 +278,5 @@ class DAF:
                 x[keep], rule.rule, f=used_f[bank], weights=weights, **rule.options
             )
         excluded = [node for node, k in zip(nodes, keep, strict=True) if not k]
-        return DAFResult(merged, scores, dict(self.reputations), excluded, used_f, redundant)
+        return DAFResult(merged, scores, dict(self.reputations), excluded, used_f, redundant,
+                         opposed)

@@ -11,7 +11,7 @@ from federation import (
     aggregate,
     default_rules,
 )
-from federation.aggregators import max_f
+from federation.aggregators import max_f, pairwise_sq_distances
 from federation.attacks import honest_updates
 
 
@@ -163,7 +163,9 @@ def test_redundant_updates_count_once_and_are_not_scored():
     crafted = -5.0 * np.mean(list(honest.values()), axis=0)
     sybils = {f"s{i}": crafted * (1 + 1e-4 * i) for i in range(3)}  # within duplicate_tol
     updates = {"coarse": {**honest, **sybils, "free": np.zeros(8)}}
-    result = DAF(DAFConfig(rules={"coarse": BankRule("mean")})).aggregate(updates)
+    # the opposed-update screen is off here: the crafted vector also points against the rest
+    result = DAF(DAFConfig(rules={"coarse": BankRule("mean")}, opposed_z=None)).aggregate(
+        updates)
     assert result.redundant == {"s1": "repeats s0's update", "s2": "repeats s0's update",
                                 "free": "empty update"}
     assert set(result.scores) == {*honest, "s0"}
@@ -176,3 +178,59 @@ def test_redundant_updates_count_once_and_are_not_scored():
         {"coarse": honest}).redundant == {}
     with pytest.raises(ValueError, match="duplicate_tol"):
         DAFConfig(duplicate_tol=1.0)
+
+
+def _sparse_honest(rng: np.random.Generator, n: int, d: int = 4000, keep: float = 0.05
+                   ) -> list[np.ndarray]:
+    """Top-k honest updates: a shared direction under 3x node noise, each keeping its
+    largest 5 % of coordinates, so each keeps different ones and they are nearly orthogonal
+    (as after the delta codec)."""
+    shared = rng.normal(size=d)
+    out = []
+    for _ in range(n):
+        x = shared + 3.0 * rng.normal(size=d)
+        x[np.argsort(np.abs(x))[: int(d * (1 - keep))]] = 0.0
+        out.append(x)
+    return out
+
+
+def test_sign_flipped_sparse_updates_are_set_aside_as_opposed():
+    """Three of ten nodes reverse their own sparse update: as far from the rest as honest
+    updates are, so Multi-Krum keeps them, but they point against the others' sum."""
+    rng = np.random.default_rng(8)
+    x = _sparse_honest(rng, 10)
+    dist = np.sqrt(pairwise_sq_distances(np.stack(x)))
+    honest_gap, flipped_gap = dist[0, 1:7].mean(), np.linalg.norm(-x[7] - x[0])
+    assert abs(flipped_gap / honest_gap - 1) < 0.1  # indistinguishable by distance
+    flipped = {f"h{i}": x[i] for i in range(7)} | {f"a{i}": -x[i] for i in range(7, 10)}
+    rules = {"coarse": BankRule("multikrum")}
+    result = DAF(DAFConfig(rules=rules)).aggregate({"coarse": flipped})
+    assert set(result.opposed) == {"a7", "a8", "a9"}
+    assert all(c < 0 for c in result.opposed.values())
+    assert set(result.scores) == {f"h{i}" for i in range(7)}
+    clean = DAF(DAFConfig(rules=rules)).aggregate(
+        {"coarse": {f"h{i}": x[i] for i in range(7)}})
+    np.testing.assert_allclose(result.merged["coarse"], clean.merged["coarse"])
+    kept_in = DAF(DAFConfig(rules=rules, opposed_z=None)).aggregate({"coarse": flipped})
+    assert kept_in.opposed == {}
+    honest_mean = np.mean(x[:7], axis=0)
+    cos = float(kept_in.merged["coarse"] @ honest_mean / np.linalg.norm(
+        kept_in.merged["coarse"]) / np.linalg.norm(honest_mean))
+    assert cos < 0.9  # without the screen the flipped updates pull the merge away
+
+
+def test_opposed_screen_keeps_honest_updates_and_respects_f():
+    rng = np.random.default_rng(9)
+    aligned = {f"h{i}": v for i, v in enumerate(_sparse_honest(rng, 10))}
+    assert DAF().aggregate({"coarse": aligned, "domain": aligned, "fine": aligned},
+                           {n: 1.0 for n in aligned}).opposed == {}
+    noise = {f"r{i}": rng.normal(size=4000) for i in range(10)}  # no shared direction at all
+    assert DAF(DAFConfig(rules={"coarse": BankRule("mean")})).aggregate(
+        {"coarse": noise}).opposed == {}
+    x = _sparse_honest(np.random.default_rng(8), 10)
+    flipped = {f"h{i}": x[i] for i in range(7)} | {f"a{i}": -x[i] for i in range(7, 10)}
+    capped = DAF(DAFConfig(rules={"coarse": BankRule("mean")}, f=1)).aggregate(
+        {"coarse": flipped})
+    assert len(capped.opposed) == 1 and set(capped.opposed) < {"a7", "a8", "a9"}  # at most f
+    with pytest.raises(ValueError, match="opposed_z"):
+        DAFConfig(opposed_z=0.0)
