@@ -22,8 +22,8 @@ training; ``loss_before``/``loss_after``/``quality_gain`` are the domain bank's.
 A node configured ``byzantine`` (tests and demos of robust aggregation only) scales or
 negates its delta after clipping, as an attacker that ignores the protocol would.
 
-Once the upload is accepted, the node also keeps its own (unclipped) delta of every bank as
-a local TALoRA pattern keyed by the embedding of the text it trained on
+Once the upload is accepted, the node also keeps its own delta of every bank, clipped like
+the upload, as a local TALoRA pattern keyed by the embedding of the text it trained on
 (:meth:`AdapterSync.store_local`), which its requests retrieve by prompt embedding. The key
 is computed once per distinct local text (:meth:`Trainer.text_key`; the agent computes it at
 start), not in every round.
@@ -174,8 +174,8 @@ class Trainer:
         if not texts:
             raise RoundError(f"no local text in {self.data.root} to train on")
         delta, metrics, examples = self._deltas(base, texts, steps, lr, info.round)
-        local = delta  # clip and the Byzantine scaling below make new dicts
         delta, norm = clip(delta, info.clip_norm)
+        local = delta  # the node keeps what it sends; the Byzantine scaling makes new dicts
         metrics["delta_norm"] = norm
         if self.byzantine is not None:
             kind, factor = self.byzantine

@@ -103,6 +103,8 @@ def test_a_round_stores_one_delta_pattern_per_bank(node: Node) -> None:
     # a delta pattern's B is what training added, not the (zero) global B of version 1
     b = [v for p in code for k, v in talora.adapter(p).items() if k.endswith("lora_B")]
     assert any(float(t.abs().max()) > 0 for t in b)
+    # clipped like the uploaded delta (clip_norm 1.0; one Adam step at lr 5e-3 is ~2.7)
+    assert sum(float((t.double() ** 2).sum()) for t in b) ** 0.5 <= 1.0 * 1.02
     saved = TALoRA.load(node.agent.cfg.node.home / "talora")  # persisted for a restart
     assert set(saved.patterns()) == set(talora.patterns())
 
