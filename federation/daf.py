@@ -136,7 +136,7 @@ class DAFResult:
     """Merged flat vector per bank, each node's scores, reputations after the round, exclusions
     by reputation, the f each bank's rule was run with, the redundant updates set aside
     (node → why: empty, or the node whose update it repeats) and the opposed ones (node → its
-    cosine with the others' sum); neither of the last two is scored."""
+    cosine with the sum of the others' directions); neither of the last two is scored."""
 
     merged: dict[str, np.ndarray]
     scores: dict[str, NodeScore]
