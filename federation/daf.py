@@ -200,6 +200,12 @@ class DAF:
         self.config = config or DAFConfig()
         self.reputations: dict[str, float] = dict(reputations or {})
 
+    def _update_reputation(self, node: str, flagged: bool) -> None:
+        """rep ← (1 − decay) · rep + decay · [not flagged]; a new node starts at 1."""
+        decay = self.config.decay
+        previous = self.reputations.get(node, 1.0)
+        self.reputations[node] = (1 - decay) * previous + decay * (0.0 if flagged else 1.0)
+
     def _score(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dist = np.linalg.norm(x - np.median(x, axis=0), axis=1)
         norms = np.linalg.norm(x, axis=1)
@@ -238,7 +244,7 @@ class DAF:
             whole[unique], cfg.f if cfg.f is not None else (len(unique) - 1) // 3, cfg.opposed_z)
         opposed = {nodes[unique[k]]: c for k, c in opposing.items()}
         for node in opposed:
-            self.reputations[node] = (1 - cfg.decay) * self.reputations.get(node, 1.0)
+            self._update_reputation(node, flagged=True)
         unique = [u for k, u in enumerate(unique) if k not in opposing]
         nodes = [nodes[k] for k in unique]
         stacked = {b: x[unique] for b, x in stacked.items()}
@@ -251,10 +257,7 @@ class DAF:
             z = {b: float(norm_z[b][k]) for b in stacked}
             flagged = any(d[b] > cfg.distance_limit or z[b] > cfg.z_limit for b in stacked)
             scores[node] = NodeScore(d, z, flagged)
-            previous = self.reputations.get(node, 1.0)
-            self.reputations[node] = (1 - cfg.decay) * previous + cfg.decay * (
-                0.0 if flagged else 1.0
-            )
+            self._update_reputation(node, flagged)
         keep = np.array([self.reputations[node] >= cfg.exclude_below for node in nodes],
                         dtype=bool)
         kept_nodes = [node for node, k in zip(nodes, keep, strict=True) if k]

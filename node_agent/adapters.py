@@ -17,15 +17,15 @@ of recent versions or fetches it with ``GetAdapter``. A background thread follow
 ``WatchAdapters`` and reconnects with backoff when the stream breaks.
 
 Local patterns (DESIGN §4 "local learning"): after each round the node keeps what its own
-text taught every bank as a TALoRA pattern, :meth:`AdapterSync.store_local`: the frozen A
-of the round's seed and ``trained B − global B`` clipped as the upload is (unclipped, a
-node's own pydocs pattern of norm 6.6 turned the demo's completion into stray symbols on the
-session-4 default model; clipped to 3.0 it stays fluent: docs/decisions.md), keyed by the embedding
-of the text it trained on and marked ``kind = "delta"``. Being a difference, such a pattern
-is applied *with* its bank's global adapter by :class:`GlobalPlusLocalHook` — ``global +
-Σ wᵢ·deltaᵢ`` within the bank's blend weight — so it stays meaningful after the next merged
-version is swapped in. A later round on the same text replaces the patterns of the earlier
-one; other texts' patterns stay (up to the store's capacity, least used evicted).
+text taught every bank as a TALoRA pattern, :meth:`AdapterSync.store_local`: the frozen A of
+the round's seed and ``trained B − global B`` clipped as the upload is (the node applies to
+itself no more than it sends; unclipped patterns garbled generation: docs/decisions.md),
+keyed by the embedding of the text it trained on and marked ``kind = "delta"``. Being a
+difference, such a pattern is applied *with* its bank's global adapter by
+:class:`GlobalPlusLocalHook` — ``global + Σ wᵢ·deltaᵢ`` within the bank's blend weight — so
+it stays meaningful after the next merged version is swapped in. A later round on the same
+text replaces the patterns of the earlier one; other texts' patterns stay (up to the store's
+capacity, least used evicted).
 """
 
 from __future__ import annotations
