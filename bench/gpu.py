@@ -40,7 +40,14 @@ from bench.common import BenchContext, Row, percentile
 from bench.inference import LLADA_8B, bench_prompts, latency_rows, llada8b, measure, random_prompts
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM
-from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model, weight_bytes
+from ruvdllm.quant import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    fp8_matmul,
+    quantize_model,
+    weight_bytes,
+)
 from ruvdllm.runtime import load
 from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig
 
@@ -112,10 +119,12 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
         lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
         q4, q8 = Int4Linear.from_linear(lin, 32), Int8Linear.from_linear(lin)
+        f8 = Fp8Linear.from_linear(lin)
         w4, w8 = q4.dequantize(torch.float32), q8.dequantize(torch.float32)
         bf16s = weight_copies((lin.weight,))
         int4s = weight_copies((q4.weight, q4.scales))
         int8s = weight_copies((q8.weight, q8.scales))
+        fp8s = weight_copies((f8.weight, f8.scales))
         for M in tokens:
             if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
                 continue
@@ -130,11 +139,17 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                                         _rel_err(y, x.float() @ w.t()), "",
                                         note="Triton vs float32 product of the dequantized "
                                              "weight"))
+                rows.append(ctx.row("inference", f"kernel_rel_err{{fp8,{label}}}",
+                                    _rel_err(fp8_matmul(x, f8.weight, f8.scales),
+                                             x.float() @ lin.weight.float().t()), "",
+                                    note="W8A8 float8 vs float32 product of the bfloat16 "
+                                         "weight (both quantizations' error)"))
             candidates: dict[str, list[Callable[[], object]]] = {
                 "bf16": [partial(F.linear, x, w) for (w,) in bf16s],
                 "int4": [partial(int4_matmul, x, p, s) for p, s in int4s],
                 "int4_fused": [partial(_int4_fused, x, p, s) for p, s in int4s],
                 "int8": [partial(int8_matmul, x, w, s) for w, s in int8s],
+                "fp8": [partial(fp8_matmul, x, w, s) for w, s in fp8s],
             }
             int4_bytes = N * K // 2 + q4.scales.numel() * 2
             for name, fns in candidates.items():
@@ -146,7 +161,7 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                             f" of {DEVICE_COPY_TBS} TB/s")
                 rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}", us, "us",
                                     note=note))
-        del lin, q4, q8, w4, w8, bf16s, int4s, int8s
+        del lin, q4, q8, f8, w4, w8, bf16s, int4s, int8s, fp8s
         torch.cuda.empty_cache()
     return rows
 
@@ -267,48 +282,63 @@ def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                         note=f"naive (bench.gpu.naive_generate): full forward every step, logits "
                              f"for every position, block {params['naive_block_length']}, "
                              f"{steps} steps, bfloat16, eager ops, no graphs"))
-    for quant in ("bf16", "w4"):
-        if quant == "w4":
+    del ref_sampler, fast
+    for quant in ("bf16", "w4", "fp8"):
+        if quant == "w4":  # the bfloat16 weights, quantized in place
             quantize_model(model, "int4", embedding=True)
+        elif quant == "fp8":  # fresh bfloat16 weights (the model above is int4 now)
+            del model
             torch.cuda.empty_cache()
-            fast = FastSampler(model)
-        tag = "" if quant == "bf16" else "w4_"
-        # 8 steps at batch 1 for each cache mode and block length; the fastest is the headline.
-        per_variant: dict[tuple[CacheMode, int], float] = {}
-        for cache in params["llada8b_caches"]:
-            for block in params["llada8b_block_lengths"]:
-                cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
-                ms = _time({"fast": partial(fast.generate, one, cfg)}, its)["fast"]
-                per_variant[cache, block] = ms
-                rows.append(ctx.row("inference",
-                                    f"llada8b_{tag}p50_ms{{B=1,cache={cache},block={block}}}",
-                                    ms, "ms", note=f"{steps} steps, CUDA graphs"))
-        cache, block = min(per_variant, key=lambda v: per_variant[v])
-        cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
-        what = f"fast path, {cache} cache, block {block}, {steps} steps, CUDA graphs"
-        for B, prompts in ((1, one), (8, batch)):
-            rows += _latency(ctx, f"llada8b_{tag}", partial(fast.generate, prompts, cfg), its,
-                             B, G)
-            for r in rows[-4:]:
-                r.note = what
-        p50 = next(r.value for r in rows if r.name == f"llada8b_{tag}latency_p50_ms_b1")
-        rows.append(ctx.row("inference", f"llada8b_{tag}speedup_b1", ref_ms / p50, "x",
-                            note="naive reference p50 / fast p50 (B=1, 8 steps), same run"))
-        rows.append(ctx.row("inference", f"llada8b_{tag}eager_elementwise_p50_ms_b1",
-                            _eager_ms(partial(FastSampler(model).generate, one, cfg), its), "ms",
-                            note=f"{what}; RMSNorm/RoPE/SwiGLU as eager ops, not fused kernels"))
-        long = SamplerConfig(steps=params["long_steps"], gen_length=G,
-                             block_length=params["long_block_length"],
-                             cache=params["long_cache"], threshold=params["threshold"])
-        long_ms = _time({"fast": partial(fast.generate, one, long)}, its)["fast"]
-        rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms_{params['long_steps']}steps",
-                            long_ms, "ms",
-                            note=f"B=1, {params['long_cache']} cache, threshold "
-                                 f"{params['threshold']}, block {params['long_block_length']}; "
-                                 f"{fast.forwards} steps run (random weights: the threshold "
-                                 "rarely fires)"))
-    del model, fast, ref_sampler
+            model = quantize_model(llada8b(getattr(torch, params["llada8b_dtype"])), "fp8")
+        torch.cuda.empty_cache()
+        rows += _fast_path_rows(ctx, params, model, "" if quant == "bf16" else f"{quant}_",
+                                one, batch, ref_ms)
+    del model
     torch.cuda.empty_cache()
+    return rows
+
+
+def _fast_path_rows(ctx: BenchContext, params: dict[str, Any], model: DiffusionLM, tag: str,
+                    one: list[list[int]], batch: list[list[int]], ref_ms: float) -> list[Row]:
+    """The 8B shape's fast-path rows of one precision (``tag``: row-name prefix)."""
+    G, steps = params["llada8b_output_length"], params["llada8b_steps"]
+    its = params["llada8b_iterations"]
+    fast = FastSampler(model)
+    rows: list[Row] = []
+    # 8 steps at batch 1 for each cache mode and block length; the fastest is the headline.
+    per_variant: dict[tuple[CacheMode, int], float] = {}
+    for cache in params["llada8b_caches"]:
+        for block in params["llada8b_block_lengths"]:
+            cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
+            ms = _time({"fast": partial(fast.generate, one, cfg)}, its)["fast"]
+            per_variant[cache, block] = ms
+            rows.append(ctx.row("inference",
+                                f"llada8b_{tag}p50_ms{{B=1,cache={cache},block={block}}}",
+                                ms, "ms", note=f"{steps} steps, CUDA graphs"))
+    cache, block = min(per_variant, key=lambda v: per_variant[v])
+    cfg = SamplerConfig(steps=steps, gen_length=G, block_length=block, cache=cache)
+    what = f"fast path, {cache} cache, block {block}, {steps} steps, CUDA graphs"
+    for B, prompts in ((1, one), (8, batch)):
+        rows += _latency(ctx, f"llada8b_{tag}", partial(fast.generate, prompts, cfg), its,
+                         B, G)
+        for r in rows[-4:]:
+            r.note = what
+    p50 = next(r.value for r in rows if r.name == f"llada8b_{tag}latency_p50_ms_b1")
+    rows.append(ctx.row("inference", f"llada8b_{tag}speedup_b1", ref_ms / p50, "x",
+                        note="naive reference p50 / fast p50 (B=1, 8 steps), same run"))
+    rows.append(ctx.row("inference", f"llada8b_{tag}eager_elementwise_p50_ms_b1",
+                        _eager_ms(partial(FastSampler(model).generate, one, cfg), its), "ms",
+                        note=f"{what}; RMSNorm/RoPE/SwiGLU as eager ops, not fused kernels"))
+    long = SamplerConfig(steps=params["long_steps"], gen_length=G,
+                         block_length=params["long_block_length"],
+                         cache=params["long_cache"], threshold=params["threshold"])
+    long_ms = _time({"fast": partial(fast.generate, one, long)}, its)["fast"]
+    rows.append(ctx.row("inference", f"llada8b_{tag}p50_ms_{params['long_steps']}steps",
+                        long_ms, "ms",
+                        note=f"B=1, {params['long_cache']} cache, threshold "
+                             f"{params['threshold']}, block {params['long_block_length']}; "
+                             f"{fast.forwards} steps run (random weights: the threshold "
+                             "rarely fires)"))
     return rows
 
 

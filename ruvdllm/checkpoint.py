@@ -93,6 +93,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {_rename(k): v for k, v in tensors.items()}
 
 
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float weights cast to ``dtype``; quantized weights (float8 too) and their scales kept."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype.itemsize > 1
+            and not k.endswith(".scales") else v for k, v in tensors.items()}
+
+
 def load_model(
     path_or_name: str | Path,
     dtype: torch.dtype | None = None,
@@ -100,8 +106,8 @@ def load_model(
 ) -> DiffusionLM:
     """Build the model a checkpoint folder describes and load its weights.
 
-    ``dtype`` casts floating-point weights (quantized integer weights keep
-    theirs). Missing, unexpected or misshapen tensors raise CheckpointError.
+    ``dtype`` casts floating-point weights (quantized weights and their scales
+    keep their dtypes). Missing, unexpected or misshapen tensors raise CheckpointError.
     """
     path = resolve(path_or_name)
     try:
@@ -131,7 +137,7 @@ def load_model(
                                   f"{tuple(tensors[name].shape)}, config implies "
                                   f"{tuple(ref.shape)}")
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = _cast(tensors, dtype)
     model.load_state_dict(tensors, assign=True)
     return model.to(device).eval()
 
@@ -151,7 +157,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = _cast(state, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     model.config.save(tmp / "config.json")
     if tokenizer_file is not None:

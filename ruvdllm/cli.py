@@ -16,7 +16,7 @@ from pathlib import Path
 from ruvdllm import adapters_cli
 from ruvdllm.checkpoint import CheckpointError
 from ruvdllm.config import ConfigError
-from ruvdllm.quant import DEFAULT_GROUP_SIZE
+from ruvdllm.quant import DEFAULT_GROUP_SIZE, SCHEMES
 from ruvdllm.sampler import SamplerError
 
 USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, ValueError)
@@ -123,7 +123,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="checkpoint folder, default or default-ar")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--quant", default="none", choices=["none", *SCHEMES])
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help="int4 group size (32/64/128)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is committed")
     g.set_defaults(func=_generate)
 
-    q = sub.add_parser("quantize", help="write a weight-only quantized checkpoint")
+    q = sub.add_parser("quantize", help="write a quantized checkpoint (int8/int4 weight-only, "
+                                        "fp8 W8A8)")
     q.add_argument("src")
     q.add_argument("dst")
-    q.add_argument("--scheme", required=True, choices=["int8", "int4"])
+    q.add_argument("--scheme", required=True, choices=SCHEMES)
     q.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     q.set_defaults(func=_quantize)
 

@@ -156,7 +156,6 @@ class FusedProjection:
         first = parts[0]
         self.parts = parts
         self.sizes = [cast(int, p.out_features) for p in parts]
-        weight = torch.cat([cast(Tensor, p.weight).detach() for p in parts])  # (sum N, ...)
         bias = None
         if first.bias is not None:
             bias = nn.Parameter(torch.cat([cast(Tensor, p.bias).detach() for p in parts]),
@@ -164,13 +163,15 @@ class FusedProjection:
         bounds = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
         self.linear: nn.Module
         if isinstance(first, QuantizedLinear):
-            scales = torch.cat([cast(Tensor, p.scales) for p in parts])  # (sum N, ...)
-            self.linear = type(first)(first.in_features, weight.shape[0], weight, scales, bias)
+            weight, scales = first.concatenate(cast(list[QuantizedLinear], parts))
+            fused = type(first)(first.in_features, weight.shape[0], weight, scales, bias)
+            self.linear = fused
             for p, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
-                p.weight, p.scales = weight[lo:hi], scales[lo:hi]
+                p.weight, p.scales = weight[lo:hi], fused.rows_scales(lo, hi)
                 if isinstance(p, Int4Linear):
                     p._kernel = None  # its derived CPU-kernel copy is of the old storage
         else:
+            weight = torch.cat([cast(Tensor, p.weight).detach() for p in parts])  # (sum N, in)
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)
             linear.bias = bias
@@ -182,10 +183,10 @@ class FusedProjection:
     @staticmethod
     def fusable(parts: list[nn.Module]) -> bool:
         """Plain or quantized linears of one type, input, dtype and bias presence."""
-        from ruvdllm.quant import Int4Linear, Int8Linear
+        from ruvdllm.quant import Fp8Linear, Int4Linear, Int8Linear
 
         kind = type(parts[0])
-        return (kind in (nn.Linear, Int4Linear, Int8Linear)
+        return (kind in (nn.Linear, Int4Linear, Int8Linear, Fp8Linear)
                 and all(type(p) is kind for p in parts)
                 and len({(p.in_features, cast(Tensor, p.weight).dtype, p.bias is None)
                          for p in parts}) == 1)
@@ -234,11 +235,12 @@ class Block(nn.Module):
         """Queries ``(B, H, T, hd)`` and keys/values ``(B, Hkv, T, hd)``, RoPE applied."""
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        h = self.attn_norm(x)
         fused = self._fused_for("qkv")
         if fused is not None:
-            q, k, v = fused.linear(h).split(fused.sizes, dim=-1)  # (B, T, d), 2 x (B, T, kv)
+            qkv = self._norm_then(self.attn_norm, x, fused.linear)
+            q, k, v = qkv.split(fused.sizes, dim=-1)  # (B, T, d), 2 x (B, T, kv)
         else:
+            h = self.attn_norm(x)
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -253,17 +255,31 @@ class Block(nn.Module):
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
         att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
         x = x + self.dropout(self.attn_out(att))
-        h = self.ff_norm(x)
         fused = self._fused_for("gate_up")
         if fused is None:
-            act = swiglu(self.ff_proj(h), self.up_proj(h))
-        elif _fused(h):
-            from ruvdllm.kernels.elementwise import swiglu_halves  # Triton: CUDA only
+            h = self.ff_norm(x)
+            return x + self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
+        gate_up = self._norm_then(self.ff_norm, x, fused.linear)  # (B, T, 2F)
+        if not _fused(gate_up):
+            return x + self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
+        from ruvdllm.kernels.elementwise import swiglu_halves, swiglu_halves_amax
+        from ruvdllm.quant import Fp8Linear  # quant imports this module
 
-            act = swiglu_halves(fused.linear(h))  # (B, T, 2F) -> (B, T, F)
-        else:
-            act = swiglu(*fused.linear(h).split(fused.sizes, dim=-1))
-        return x + self.dropout(self.ff_out(act))
+        if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
+            act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
+            return x + self.dropout(self.ff_out(act, amax=amax))
+        return x + self.dropout(self.ff_out(swiglu_halves(gate_up)))
+
+    def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module) -> Tensor:
+        """``linear(norm(x))``; a float8 linear takes the norm kernel's row maxima with it."""
+        from ruvdllm.quant import Fp8Linear  # quant imports this module
+
+        if isinstance(linear, Fp8Linear) and _fused(x) and norm.weight.dtype == x.dtype:
+            from ruvdllm.kernels.elementwise import rms_norm_amax  # Triton: CUDA only
+
+            h, amax = rms_norm_amax(x, norm.weight, norm.eps)
+            return cast(Tensor, linear(h, amax=amax))
+        return cast(Tensor, linear(norm(x)))
 
     def forward(
         self,
@@ -288,9 +304,16 @@ class Block(nn.Module):
         to all ``L`` slots. Shapes never change, so the call can be captured in
         a CUDA graph; bidirectional attention does not care about slot order.
         """
-        q, k, v = self._qkv(x, cos, sin)
-        keys.index_copy_(2, index, k)
-        values.index_copy_(2, index, v)
+        fused = self._fused_for("qkv")
+        if fused is not None and _fused(x):  # one kernel: RoPE and the two slot writes
+            from ruvdllm.kernels.elementwise import rope_qkv_into  # Triton: CUDA only
+
+            qkv = self._norm_then(self.attn_norm, x, fused.linear)  # (B, T, (H + 2 Hkv) hd)
+            q = rope_qkv_into(qkv, cos, sin, keys, values, index, self.cfg.n_heads)
+        else:
+            q, k, v = self._qkv(x, cos, sin)
+            keys.index_copy_(2, index, k)
+            values.index_copy_(2, index, v)
         return self._attend_and_mlp(x, q, keys, values, attn_mask)
 
 

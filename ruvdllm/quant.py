@@ -14,6 +14,16 @@ baselines of GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023).
   4-bit two's complement number. Scales are bfloat16 (half the bytes of
   float32: 0.47 of the 8B shape's 4.7 GB), and ``q`` is rounded against the
   bfloat16 scale, so the round-trip bound holds for the stored scale.
+* ``fp8``: W8A8 in float8 e4m3 (Micikevicius et al. 2022, "FP8 Formats for
+  Deep Learning"): the weight with one power-of-two scale per tensor, the
+  input quantized at run time with one scale per call (its largest magnitude
+  maps to 448), multiplied on float8 tensor cores (``torch._scaled_mm``). Not
+  weight-only: a whole-sequence step is bound by arithmetic (384+ rows), and
+  float8 products run at twice bfloat16's rate on Hopper. Per tensor, not per
+  row, because cuBLAS's per-tensor float8 product is 1.2-1.9x faster than the
+  row-scaled one at a cached step's 32-64 rows (docs/decisions.md); e4m3 is a
+  float, so one scale costs range, not precision. Power-of-two scales make
+  fusing q/k/v (or gate/up) under one scale an exact exponent shift.
 * optionally (``embedding=True``, int4 only, untied models) the token
   embedding too, row by row in the same int4 groups: it is looked up, never
   multiplied, so a lookup dequantizes only the rows it reads. On the LLaDA-8B
@@ -25,6 +35,7 @@ State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 * ``weight``: int8 ``(out, in)`` or uint8 ``(out, in/2)`` (int4 packed);
 * ``scales``: float32 ``(out,)`` (int8) or bfloat16 ``(out, in/group_size)``
   (int4; checkpoints written before held float32, which loads rounded);
+  fp8: ``weight`` float8_e4m3fn ``(out, in)``, ``scales`` float32 ``(1,)``;
 * ``bias``: float, only where the float model had one (Dream's q/k/v).
 
 The group size is implied by the shapes and recorded in ``config.json``; a
@@ -60,7 +71,7 @@ from ruvdllm.checkpoint import load_model, resolve, save_checkpoint
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 
-Scheme = Literal["int8", "int4"]
+Scheme = Literal["int8", "int4", "fp8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions.md
@@ -170,6 +181,15 @@ class QuantizedLinear(nn.Module):
 
     def _add_bias(self, y: Tensor) -> Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @staticmethod
+    def concatenate(parts: list[QuantizedLinear]) -> tuple[Tensor, Tensor]:
+        """Weight and scales of ``parts`` stacked by output rows (one fused product)."""
+        return torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts])
+
+    def rows_scales(self, lo: int, hi: int) -> Tensor:
+        """The scales of output rows ``lo:hi`` (a part of a fused product)."""
+        return self.scales[lo:hi]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -286,6 +306,115 @@ class Int4Linear(QuantizedLinear):
         return self._add_bias(y)
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+# From this many rows the row-scaled float8 product (CUTLASS; bfloat16 output only) beats
+# cuBLAS's per-tensor one on the 8B shapes (H200: 12 288 x 4 096 at 3 072 rows, 207 vs
+# 227 us); below, per-tensor is faster (64 rows: 16.3 vs 20.9 us). Same scales either way.
+_FP8_ROWWISE_MIN_ROWS = 1024
+
+
+def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q float8_e4m3fn (out, in), scale float32 (1,))`` with ``w ≈ q * scale``.
+
+    The scale is the power of two that puts the largest magnitude in
+    ``(224, 448]``: one binade of range given up so that rescaling by another
+    power of two (:meth:`Fp8Linear.concatenate`) is exact.
+    """
+    w = w.detach().float()
+    amax = w.abs().amax().clamp(min=_TINY)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).reshape(1)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_fp8_activations(x: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(q float8_e4m3fn, scale float32 ())`` of ``x`` with one scale, ``max |x| -> 448``.
+
+    ``amax``: partial maxima of ``|x|`` (any 1-D split), if the producer of ``x`` has them.
+    """
+    if x.is_cuda:
+        from ruvdllm.kernels.fp8 import quantize_tensor  # Triton: CUDA only
+
+        return quantize_tensor(x.contiguous(), _TINY, amax)
+    peak = x.detach().abs().amax() if amax is None else amax.amax()
+    scale = peak.float().clamp(min=_TINY) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = None) -> Tensor:
+    """``x`` ``(M, K)`` quantized to float8, times the float8 weight ``(N, K)`` transposed.
+
+    ``scale`` ``(1,)`` is the weight's; the result ``(M, N)`` has x's dtype.
+    ``amax``: as for :func:`quantize_fp8_activations`.
+    """
+    q, x_scale = quantize_fp8_activations(x, amax)
+    M, N = x.shape[0], weight.shape[0]
+    if x.is_cuda and (x.shape[1] % 16 or N % 16):  # cuBLAS's float8 alignment
+        y = (q.float() * x_scale) @ (weight.float() * scale).t()
+    elif x.is_cuda and x.dtype == torch.bfloat16 and M >= _FP8_ROWWISE_MIN_ROWS:
+        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale.expand(M, 1).contiguous(),
+                             scale_b=scale.expand(1, N).contiguous(), out_dtype=x.dtype,
+                             use_fast_accum=True)
+    else:
+        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale[0],
+                             out_dtype=x.dtype, use_fast_accum=x.is_cuda)
+    return y.to(x.dtype)
+
+
+class Fp8Linear(QuantizedLinear):
+    """``y = x Wᵀ (+ b)`` with a float8 weight and float8 activations (W8A8, per tensor).
+
+    Inputs that need a gradient (LoRA training through a quantized base) are
+    multiplied with the dequantized weight in their own dtype: the activation
+    quantization has no gradient.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        q, scale = quantize_fp8(linear.weight)
+        return cls(linear.in_features, linear.out_features, q, scale, linear.bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
+        """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
+        dev = linear.weight.device
+        return cls(linear.in_features, linear.out_features,
+                   torch.empty(linear.out_features, linear.in_features,
+                               dtype=torch.float8_e4m3fn, device=dev),
+                   torch.empty(1, device=dev), linear.bias)
+
+    @staticmethod
+    def concatenate(parts: list[QuantizedLinear]) -> tuple[Tensor, Tensor]:
+        """One weight and scale for ``parts`` stacked by rows: the largest scale, each
+        part's values shifted by the (power-of-two) ratio of its scale to it."""
+        scale = torch.stack([p.scales for p in parts]).amax(0)  # (1,)
+        weight = torch.cat([(p.weight.float() * (p.scales / scale)).to(torch.float8_e4m3fn)
+                            for p in parts])
+        return weight, scale
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Fp8Linear:
+        """``.to(dtype)`` casts every float buffer; the stored format keeps its dtypes."""
+        stored = {id(self.weight), id(self.scales)}
+
+        def keep_dtype(t: Tensor) -> Tensor:
+            y = fn(t)
+            return t.to(y.device) if id(t) in stored and y.dtype != t.dtype else y
+
+        return cast(Fp8Linear, super()._apply(keep_dtype, recurse))
+
+    def rows_scales(self, lo: int, hi: int) -> Tensor:
+        return self.scales  # one scale for every row
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.weight.float() * self.scales).to(dtype)  # (out, in)
+
+    def forward(self, x: Tensor, amax: Tensor | None = None) -> Tensor:
+        """``amax``: partial maxima of ``|x|`` from the kernel that produced ``x``, if any."""
+        if x.requires_grad:
+            return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
+        y = fp8_matmul(x.reshape(-1, self.in_features), self.weight, self.scales, amax)
+        return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
+
+
 class Int4Embedding(nn.Module):
     """A token embedding stored as int4 rows (the layout of :class:`Int4Linear`'s weight).
 
@@ -335,6 +464,8 @@ def _factory(scheme: str, group_size: int | None,
     """How to build the quantized twin of a linear; refuses bad scheme / group size."""
     if scheme == "int8":
         return Int8Linear.empty_like if empty else Int8Linear.from_linear
+    if scheme == "fp8":
+        return Fp8Linear.empty_like if empty else Fp8Linear.from_linear
     if scheme != "int4":
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
     if not isinstance(group_size, int) or group_size not in GROUP_SIZES:
@@ -367,7 +498,7 @@ def quantize_model(model: DiffusionLM, scheme: Scheme, group_size: int = DEFAULT
     """Quantize every ``nn.Linear`` of a float model in place, and the embedding if asked.
 
     Records ``{"scheme", "group_size", "modules"}`` in ``model.config.quantization``
-    (``group_size`` is null for int8, which is per row; ``modules`` is
+    (``group_size`` is null for int8 and fp8, which have none; ``modules`` is
     ``all-linear`` or ``all-linear+embedding``).
     """
     if model.config.quantization:

@@ -97,7 +97,7 @@ def load(
 ) -> Runtime:
     """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
 
-    ``quant`` (``int8`` or ``int4``) quantizes the weights after loading.
+    ``quant`` (``int8``, ``int4`` or ``fp8``) quantizes the weights after loading.
     """
     path = resolve(path_or_name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,9 +107,9 @@ def load(
                           eos_token=cfg.eos_token_id, pad_token=cfg.pad_token_id,
                           bos_token=cfg.bos_token_id)
     if quant not in (None, "none"):
-        from ruvdllm.quant import quantize_model
+        from ruvdllm.quant import SCHEMES, quantize_model
 
-        if quant not in ("int8", "int4"):
-            raise SamplerError(f"unknown quantization {quant!r} (none, int8 or int4)")
+        if quant not in SCHEMES:
+            raise SamplerError(f"unknown quantization {quant!r} (none, {', '.join(SCHEMES)})")
         quantize_model(model, quant, group_size)  # type: ignore[arg-type]
     return Runtime(model, tokenizer)

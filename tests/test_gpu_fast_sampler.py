@@ -12,7 +12,14 @@ import torch
 
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM, StaticKV
-from ruvdllm.quant import Int4Linear, Int8Linear, quantize_model
+from ruvdllm.quant import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    fp8_matmul,
+    quantize_fp8_activations,
+    quantize_model,
+)
 from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError
 from tests.test_sampler import MASK, tiny_model
 
@@ -153,12 +160,73 @@ def test_fused_projections_keep_outputs_and_names():
 
 
 @cuda
-def test_quantized_fast_path_close_to_float():
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_fast_path_close_to_float(scheme):
     model = tiny_model("cuda").to(torch.bfloat16)
     cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, cache="dual")
     float_answer = FastSampler(model).generate(PROMPTS, cfg)
-    quantize_model(model, "int8")
-    int8_answer = FastSampler(model).generate(PROMPTS, cfg)
-    same = sum(a == b for x, y in zip(float_answer, int8_answer, strict=True)
+    quantize_model(model, scheme)
+    quantized_answer = FastSampler(model).generate(PROMPTS, cfg)
+    same = sum(a == b for x, y in zip(float_answer, quantized_answer, strict=True)
                for a, b in zip(x, y, strict=False))
     assert same >= 0.8 * sum(len(x) for x in float_answer)
+
+
+@cuda
+@pytest.mark.parametrize("options", [{}, {"cache": "delayed", "threshold": 0.3}])
+def test_fp8_fast_path_emits_the_reference_tokens(options):
+    """float32 activations: both samplers run the same float8 products (cuBLAS)."""
+    model = quantize_model(tiny_model("cuda"), "fp8")
+    cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, **options)
+    assert FastSampler(model).generate(PROMPTS, cfg) == Sampler(model).generate(PROMPTS, cfg)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_activation_kernel_matches_torch(dtype):
+    torch.manual_seed(0)
+    for shape in ((7, 96), (33, 4096), (3, 100)):
+        x = (torch.randn(*shape, device="cuda") * 5).to(dtype)
+        x[0, 0] = 0.0
+        q, scale = quantize_fp8_activations(x)  # the Triton kernel
+        scale_ref = x.abs().max().float().cpu() / 448.0
+        q_ref = (x.float().cpu() / scale_ref).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert scale.item() == scale_ref.item()
+        assert torch.equal(q.cpu().float(), q_ref.float())
+
+
+@cuda
+@pytest.mark.parametrize("M,N,K", [(32, 256, 128), (1100, 512, 256), (5, 24, 64)])
+def test_fp8_products_match_their_quantized_operands(M, N, K):
+    """Per-tensor (cuBLAS), row-scaled (CUTLASS, from 1 024 rows) and unaligned paths."""
+    torch.manual_seed(M + N)
+    q = Fp8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"))
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        qx, sx = quantize_fp8_activations(x)
+        ref = (qx.double() * sx.double()) @ q.dequantize(torch.float64).t()
+        y = fp8_matmul(x, q.weight, q.scales)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@cuda
+def test_rope_qkv_into_matches_rope_and_slot_copies():
+    from ruvdllm.kernels.elementwise import rope, rope_qkv_into
+    from ruvdllm.model import rope_cos_sin
+
+    torch.manual_seed(0)
+    B, T, L, H, Hkv, hd = 2, 5, 12, 4, 2, 64
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.randint(0, 100, (B, T), device="cuda"), hd, 10000.0)
+    keys = torch.randn(B, Hkv, L, hd, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    index = torch.tensor([9, 0, 4, 11, 2], device="cuda")
+    keys_ref, values_ref = keys.clone(), values.clone()
+    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    q_ref = rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
+    keys_ref.index_copy_(2, index, rope(k.view(B, T, Hkv, hd).transpose(1, 2), cos, sin))
+    values_ref.index_copy_(2, index, v.view(B, T, Hkv, hd).transpose(1, 2))
+    got = rope_qkv_into(qkv, cos, sin, keys, values, index, H)
+    assert torch.equal(got, q_ref)
+    assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)

@@ -17,7 +17,9 @@ from ruvdllm.checkpoint import load_model, save_checkpoint
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import (
+    FP8_MAX,
     GROUP_SIZES,
+    Fp8Linear,
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
@@ -25,6 +27,8 @@ from ruvdllm.quant import (
     dequantize_int8,
     prepare_quantized,
     quantize_checkpoint,
+    quantize_fp8,
+    quantize_fp8_activations,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -123,6 +127,38 @@ def test_modules_match_dequantized_linear(out_features: int, bias: bool) -> None
         assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@settings(max_examples=60, deadline=None)
+@given(matrices((1, 6), st.integers(1, 80)))
+def test_fp8_round_trip_within_e4m3_rounding(w: torch.Tensor) -> None:
+    q, scale = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (1,)
+    assert torch.log2(scale).frac().item() == 0  # a power of two
+    amax = q.float().abs().max().item()
+    assert amax == 0 or FP8_MAX / 2 <= amax <= FP8_MAX  # 224.x may round to 224
+    # 3 mantissa bits: half a step is 2^-4 of the value (normals) or 2^-10 x scale
+    # (subnormals, step 2^-9)
+    bound = torch.maximum(w.abs() * 2.0**-4, scale * 2.0**-10)
+    assert ((q.float() * scale - w).abs() <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_is_the_product_of_both_quantized_operands(bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    q = Fp8Linear.from_linear(copy.deepcopy(lin))
+    x = torch.randn(2, 5, 64)
+    qx, sx = quantize_fp8_activations(x.reshape(-1, 64))
+    assert sx.item() == pytest.approx(x.abs().max().item() / FP8_MAX)
+    ref = F.linear((qx.float() * sx).view(2, 5, 64), q.dequantize(), lin.bias)
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    exact = F.linear(x, lin.weight, lin.bias)
+    assert ((q(x) - exact).norm() / exact.norm()).item() < 0.06  # two e4m3 roundings
+    y = q.to(torch.bfloat16)(x.bfloat16())
+    ref = q.to(torch.float32)(x.bfloat16().float())  # the same quantized input
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scales.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_int4_kernel_layout_follows_new_weights() -> None:
     torch.manual_seed(0)
     a = Int4Linear.from_linear(nn.Linear(64, 32, bias=False), 32).to(torch.bfloat16)
@@ -138,7 +174,8 @@ def test_int4_kernel_layout_follows_new_weights() -> None:
 def test_gradients_and_inference_mode() -> None:
     torch.manual_seed(0)
     for q in (Int8Linear.from_linear(nn.Linear(64, 32, bias=False)),
-              Int4Linear.from_linear(nn.Linear(64, 32, bias=False), 32)):
+              Int4Linear.from_linear(nn.Linear(64, 32, bias=False), 32),
+              Fp8Linear.from_linear(nn.Linear(64, 32, bias=False))):
         for dtype in (torch.float32, torch.bfloat16):  # bf16 + grad must avoid the kernels
             q = q.to(dtype)
             x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
@@ -154,10 +191,11 @@ def test_gradients_and_inference_mode() -> None:
 def _weight_rel_error(model: DiffusionLM, quant: DiffusionLM) -> float:
     floats = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return max(((m.dequantize() - floats[n]).norm() / floats[n].norm()).item()
-               for n, m in quant.named_modules() if isinstance(m, Int8Linear | Int4Linear))
+               for n, m in quant.named_modules() if isinstance(m, QuantizedLinear))
 
 
-@pytest.mark.parametrize(("scheme", "group_size"), [("int8", 64), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize(("scheme", "group_size"), [("int8", 64), ("int4", 32), ("int4", 64),
+                                                   ("fp8", 64)])
 def test_quantized_forward_close_to_float(scheme: str, group_size: int) -> None:
     model = small_model()
     quant = quantize_model(small_model(), scheme, group_size)  # type: ignore[arg-type]
@@ -169,10 +207,11 @@ def test_quantized_forward_close_to_float(scheme: str, group_size: int) -> None:
     # are RMS-normalised, weights and rounding errors independent); the layers
     # compound it: measured ≈ 1.0e for this 2-layer model and ≈ 3e for the
     # 8-layer default (docs/decisions.md). 2e bounds what weight rounding
-    # explains here; a wrong scale, nibble order or kernel layout gives O(1).
+    # explains here (fp8 rounds the inputs as well, about as much: 4e); a wrong
+    # scale, nibble order or kernel layout gives O(1).
     e = _weight_rel_error(model, quant)
-    assert 0 < err <= 2 * e
-    assert e < (0.01 if scheme == "int8" else 0.15)
+    assert 0 < err <= (4 if scheme == "fp8" else 2) * e
+    assert e < {"int8": 0.01, "int4": 0.15, "fp8": 0.04}[scheme]
 
 
 def test_all_linears_quantized_with_llada_names() -> None:
@@ -192,7 +231,7 @@ def test_all_linears_quantized_with_llada_names() -> None:
                                          "modules": "all-linear"}
 
 
-@pytest.mark.parametrize(("scheme", "bias"), [("int8", False), ("int4", True)])
+@pytest.mark.parametrize(("scheme", "bias"), [("int8", False), ("int4", True), ("fp8", True)])
 def test_checkpoint_round_trip_identical_logits(tmp_path: Path, scheme: str, bias: bool) -> None:
     model = quantize_model(small_model(include_qkv_bias=bias), scheme)  # type: ignore[arg-type]
     save_checkpoint(model, tmp_path / "q")
@@ -232,7 +271,7 @@ def test_bad_scheme_or_group_size_refused(scheme: str, group_size: int, message:
 
 def test_refusals_of_checkpoint_and_config_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown quantization scheme"):
-        quantize_checkpoint(tmp_path / "absent", tmp_path / "dst", "fp8", 64)  # type: ignore[arg-type]
+        quantize_checkpoint(tmp_path / "absent", tmp_path / "dst", "nf4", 64)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="group size must be one of"):
         prepare_quantized(small_model(), {"scheme": "int4", "group_size": 16,
                                           "modules": "all-linear"})

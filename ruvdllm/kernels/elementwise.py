@@ -20,8 +20,8 @@ from torch import Tensor
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps,  # type: ignore[no-untyped-def]
-                     BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, amax_ptr, D, eps,  # type: ignore[no-untyped-def]
+                     BLOCK: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -29,17 +29,34 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps,  # type: ignore[no-untyped-def
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     normed = (x * inv).to(w.dtype)  # the eager path rounds here, then scales
-    tl.store(y_ptr + row * D + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype),
-             mask=ok)
+    y = (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)
+    tl.store(y_ptr + row * D + cols, y, mask=ok)
+    if AMAX:  # the row's largest magnitude, for a float8 product's input scale
+        tl.store(amax_ptr + row, tl.max(tl.abs(y.to(tl.float32)), axis=0))
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, amax: bool) -> tuple[Tensor, Tensor]:
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
+    y = torch.empty_like(x2)
+    maxima = torch.empty(x2.shape[0] if amax else 1, dtype=torch.float32, device=x.device)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, maxima, D, eps,
+                                     BLOCK=triton.next_power_of_2(D), AMAX=amax)
+    return y.view(x.shape), maxima
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``RMSNorm`` (Zhang & Sennrich 2019) over the last dimension; ``x`` and ``weight`` 16-bit."""
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
-    y = torch.empty_like(x2)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, D, eps, BLOCK=triton.next_power_of_2(D))
-    return y.view(x.shape)
+    return _rms_norm(x, weight, eps, amax=False)[0]
+
+
+def rms_norm_amax(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`rms_norm`, and each output row's largest magnitude (float32 ``(rows,)``).
+
+    A float8 product of the output needs ``max |y|`` for its input scale; taken
+    here from registers, it saves the product a reduction kernel.
+    """
+    return _rms_norm(x, weight, eps, amax=True)
 
 
 @triton.jit
@@ -76,6 +93,65 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @triton.jit
+def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,  # type: ignore[no-untyped-def]
+                     idx_ptr, T, L, H, HKV, s_row, scb, sct,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    bt = tl.program_id(0)  # one (row, position) per program
+    part = tl.program_id(1)  # 0: queries, 1: keys, 2: values
+    b = bt // T
+    t = bt % T
+    h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1) heads
+    i = tl.arange(0, HALF)[None, :]  # (1, HALF)
+    hd = 2 * HALF
+    slot = tl.load(idx_ptr + t)
+    src = qkv_ptr + bt * s_row + tl.where(part == 0, 0, H * hd + (part - 1) * HKV * hd)
+    heads = tl.where(part == 0, H, HKV)
+    ok = (h < heads) & (i < HALF)
+    x1 = tl.load(src + h * hd + i, mask=ok, other=0.0)
+    x2 = tl.load(src + h * hd + HALF + i, mask=ok, other=0.0)
+    if part == 2:  # values: copied into their slots as they are
+        dst = v_ptr + ((b * HKV + h) * L + slot) * hd
+        tl.store(dst + i, x1, mask=ok)
+        tl.store(dst + HALF + i, x2, mask=ok)
+    else:
+        c = tl.load(cos_ptr + b * scb + t * sct + i)  # the table repeats its halves
+        s = tl.load(sin_ptr + b * scb + t * sct + i)
+        y1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+        y2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
+        if part == 0:  # queries: (B, H, T, hd)
+            dst = q_ptr + ((b * H + h) * T + t) * hd
+        else:  # keys: their slots of the (B, Hkv, L, hd) buffer
+            dst = k_ptr + ((b * HKV + h) * L + slot) * hd
+        tl.store(dst + i, y1, mask=ok)
+        tl.store(dst + HALF + i, y2, mask=ok)
+
+
+def rope_qkv_into(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                  index: Tensor, n_heads: int) -> Tensor:
+    """Queries of a fused q/k/v product, RoPE applied; keys (RoPE'd) and values written
+    into their slots ``index`` of ``keys``/``values``.
+
+    One kernel for what is otherwise two RoPE kernels and two ``index_copy_``
+    (each a launch at every layer of every step). ``qkv`` ``(B, T, (H + 2 Hkv) hd)``
+    with unit-stride rows; ``cos``/``sin`` float32 ``(B, 1, T, hd)``, contiguous;
+    ``keys``/``values`` contiguous ``(B, Hkv, L, hd)``; ``index`` ``(T,)``.
+    Returns contiguous queries ``(B, H, T, hd)``.
+    """
+    B, T, width = qkv.shape
+    _, Hkv, L, hd = keys.shape
+    if (qkv.stride(2) != 1 or width != (n_heads + 2 * Hkv) * hd or not cos.is_contiguous()
+            or not sin.is_contiguous() or not keys.is_contiguous()
+            or not values.is_contiguous()):
+        raise ValueError("rope_qkv_into: unexpected layout of q/k/v, tables or buffers")
+    q = torch.empty(B, n_heads, T, hd, dtype=qkv.dtype, device=qkv.device)
+    rows = qkv.reshape(B * T, width)  # (B T, width): a view for unit-stride rows
+    _rope_qkv_kernel[(B * T, 3)](rows, cos, sin, q, keys, values, index, T, L, n_heads, Hkv,
+                                 rows.stride(0), cos.stride(0), cos.stride(2), HALF=hd // 2,
+                                 BLOCK_H=triton.next_power_of_2(max(n_heads, Hkv)))
+    return q
+
+
+@triton.jit
 def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
@@ -86,23 +162,41 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore
 
 
 @triton.jit
-def _swiglu_halves_kernel(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _swiglu_halves_kernel(gu_ptr, y_ptr, amax_ptr, F,  # type: ignore[no-untyped-def]
+                          BLOCK: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0)
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    chunk = tl.program_id(1)
+    i = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = i < F
     g = tl.load(gu_ptr + row * 2 * F + i, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * F + F + i, mask=ok, other=0.0)
     act = (g * tl.sigmoid(g)).to(u.dtype)
-    tl.store(y_ptr + row * F + i, (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=ok)
+    y = (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+    tl.store(y_ptr + row * F + i, y, mask=ok)
+    if AMAX:  # this chunk's largest magnitude: (rows, chunks) maxima, no atomics
+        tl.store(amax_ptr + row * tl.num_programs(1) + chunk,
+                 tl.max(tl.abs(y.to(tl.float32)), axis=0))
+
+
+def _swiglu_halves(gate_up: Tensor, amax: bool) -> tuple[Tensor, Tensor]:
+    F2 = gate_up.shape[-1]
+    gu = gate_up.reshape(-1, F2).contiguous()  # (rows, 2F)
+    rows, chunks = gu.shape[0], triton.cdiv(F2 // 2, 1024)
+    y = torch.empty(rows, F2 // 2, dtype=gu.dtype, device=gu.device)
+    maxima = torch.empty(rows * chunks if amax else 1, dtype=torch.float32, device=gu.device)
+    _swiglu_halves_kernel[(rows, chunks)](gu, y, maxima, F2 // 2, BLOCK=1024, AMAX=amax)
+    return y.view(*gate_up.shape[:-1], F2 // 2), maxima
 
 
 def swiglu_halves(gate_up: Tensor) -> Tensor:
     """``silu(gate) * up`` of a fused gate/up product ``(..., 2F)``: gate first, then up."""
-    F2 = gate_up.shape[-1]
-    gu = gate_up.reshape(-1, F2).contiguous()  # (rows, 2F)
-    y = torch.empty(gu.shape[0], F2 // 2, dtype=gu.dtype, device=gu.device)
-    _swiglu_halves_kernel[(gu.shape[0], triton.cdiv(F2 // 2, 1024))](gu, y, F2 // 2, BLOCK=1024)
-    return y.view(*gate_up.shape[:-1], F2 // 2)
+    return _swiglu_halves(gate_up, amax=False)[0]
+
+
+def swiglu_halves_amax(gate_up: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`swiglu_halves`, and the largest magnitude of each 1 024-column chunk of a row
+    (float32; their maximum is ``max |y|``, the float8 input scale of the MLP's down product)."""
+    return _swiglu_halves(gate_up, amax=True)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
