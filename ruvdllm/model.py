@@ -237,7 +237,7 @@ class Block(nn.Module):
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         fused = self._fused_for("qkv")
         if fused is not None:
-            qkv = self._norm_then(self.attn_norm, x, fused.linear)
+            qkv = self._norm_then(self.attn_norm, x, fused.linear)[1]
             q, k, v = qkv.split(fused.sizes, dim=-1)  # (B, T, d), 2 x (B, T, kv)
         else:
             h = self.attn_norm(x)
@@ -254,12 +254,13 @@ class Block(nn.Module):
         H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
         att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
-        x = x + self.dropout(self.attn_out(att))
+        update = self.dropout(self.attn_out(att))
         fused = self._fused_for("gate_up")
         if fused is None:
+            x = x + update
             h = self.ff_norm(x)
             return x + self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
-        gate_up = self._norm_then(self.ff_norm, x, fused.linear)  # (B, T, 2F)
+        x, gate_up = self._norm_then(self.ff_norm, x, fused.linear, update)  # (B, T, 2F)
         if not _fused(gate_up):
             return x + self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
         from ruvdllm.kernels.elementwise import swiglu_halves, swiglu_halves_amax
@@ -270,16 +271,24 @@ class Block(nn.Module):
             return x + self.dropout(self.ff_out(act, amax=amax))
         return x + self.dropout(self.ff_out(swiglu_halves(gate_up)))
 
-    def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module) -> Tensor:
-        """``linear(norm(x))``; a float8 linear takes the norm kernel's row maxima with it."""
+    def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module,
+                   residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(s, linear(norm(s)))`` with ``s = x + residual`` (``x`` without one).
+
+        Fused (16-bit CUDA): one kernel for the sum and the norm, which also
+        hands a float8 linear its input's row maxima.
+        """
         from ruvdllm.quant import Fp8Linear  # quant imports this module
 
-        if isinstance(linear, Fp8Linear) and _fused(x) and norm.weight.dtype == x.dtype:
-            from ruvdllm.kernels.elementwise import rms_norm_amax  # Triton: CUDA only
+        if _fused(x) and norm.weight.dtype == x.dtype:
+            from ruvdllm.kernels.elementwise import add_rms_norm  # Triton: CUDA only
 
-            h, amax = rms_norm_amax(x, norm.weight, norm.eps)
-            return cast(Tensor, linear(h, amax=amax))
-        return cast(Tensor, linear(norm(x)))
+            fp8 = isinstance(linear, Fp8Linear)
+            x, h, amax = add_rms_norm(x, residual, norm.weight, norm.eps, amax=fp8)
+            return x, cast(Tensor, linear(h, amax=amax) if fp8 else linear(h))
+        if residual is not None:
+            x = x + residual
+        return x, cast(Tensor, linear(norm(x)))
 
     def forward(
         self,
@@ -308,7 +317,7 @@ class Block(nn.Module):
         if fused is not None and _fused(x):  # one kernel: RoPE and the two slot writes
             from ruvdllm.kernels.elementwise import rope_qkv_into  # Triton: CUDA only
 
-            qkv = self._norm_then(self.attn_norm, x, fused.linear)  # (B, T, (H + 2 Hkv) hd)
+            qkv = self._norm_then(self.attn_norm, x, fused.linear)[1]  # (B, T, (H+2Hkv) hd)
             q = rope_qkv_into(qkv, cos, sin, keys, values, index, self.cfg.n_heads)
         else:
             q, k, v = self._qkv(x, cos, sin)

@@ -230,3 +230,18 @@ def test_rope_qkv_into_matches_rope_and_slot_copies():
     got = rope_qkv_into(qkv, cos, sin, keys, values, index, H)
     assert torch.equal(got, q_ref)
     assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)
+
+
+@cuda
+def test_add_rms_norm_is_the_sum_then_the_norm():
+    from ruvdllm.kernels.elementwise import add_rms_norm, rms_norm, swiglu_halves_amax
+
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 2, 3, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    total, y, maxima = add_rms_norm(x, r, w, 1e-5, amax=True)
+    assert torch.equal(total, x + r) and torch.equal(y, rms_norm(x + r, w, 1e-5))
+    assert torch.equal(maxima, y.float().abs().reshape(3, -1).amax(1))
+    act, chunk_maxima = swiglu_halves_amax(torch.randn(5, 2 * 2500, device="cuda",
+                                                       dtype=torch.bfloat16))
+    assert chunk_maxima.shape == (5 * 3,) and chunk_maxima.max() == act.float().abs().max()

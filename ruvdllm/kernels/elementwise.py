@@ -20,12 +20,17 @@ from torch import Tensor
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, amax_ptr, D, eps,  # type: ignore[no-untyped-def]
-                     BLOCK: tl.constexpr, AMAX: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: ignore[no-untyped-def]
+                     eps, BLOCK: tl.constexpr, ADD: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0)
+    if ADD:  # the residual sum first, rounded where the eager ``x + r`` rounds it
+        r = tl.load(r_ptr + row * D + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * D + cols, x, mask=ok)
+    x = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     normed = (x * inv).to(w.dtype)  # the eager path rounds here, then scales
@@ -35,28 +40,32 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, amax_ptr, D, eps,  # type: ignore[no-u
         tl.store(amax_ptr + row, tl.max(tl.abs(y.to(tl.float32)), axis=0))
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float, amax: bool) -> tuple[Tensor, Tensor]:
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
-    y = torch.empty_like(x2)
-    maxima = torch.empty(x2.shape[0] if amax else 1, dtype=torch.float32, device=x.device)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, maxima, D, eps,
-                                     BLOCK=triton.next_power_of_2(D), AMAX=amax)
-    return y.view(x.shape), maxima
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``RMSNorm`` (Zhang & Sennrich 2019) over the last dimension; ``x`` and ``weight`` 16-bit."""
-    return _rms_norm(x, weight, eps, amax=False)[0]
+    return add_rms_norm(x, None, weight, eps, amax=False)[1]
 
 
-def rms_norm_amax(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """:func:`rms_norm`, and each output row's largest magnitude (float32 ``(rows,)``).
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                 amax: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, rms_norm(s), maxima)`` with ``s = x + residual`` (``x`` without one).
 
-    A float8 product of the output needs ``max |y|`` for its input scale; taken
-    here from registers, it saves the product a reduction kernel.
+    One kernel for a block's residual sum and the norm after it (each is
+    otherwise a launch and a pass over the rows). With ``amax`` it also returns
+    each output row's largest magnitude (float32 ``(rows,)``): a float8 product
+    of the output needs ``max |y|`` for its input scale, and taken here from
+    registers it spares the product a reduction kernel.
     """
-    return _rms_norm(x, weight, eps, amax=True)
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    total = x2 if residual is None else torch.empty_like(x2)
+    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
+    maxima = torch.empty(rows if amax else 1, dtype=torch.float32, device=x.device)
+    _rms_norm_kernel[(rows,)](x2, r, total, weight, y, maxima, D, eps,
+                              BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
+                              AMAX=amax)
+    return total.view(x.shape), y.view(x.shape), maxima
 
 
 @triton.jit

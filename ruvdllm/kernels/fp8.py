@@ -21,6 +21,9 @@ from torch import Tensor
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _BLOCK = 4096
+# Up to this many partial maxima each program reduces them itself (a cached step's
+# 32-64 rows); beyond, one small reduction first (a batch's or a whole sequence's rows).
+_INLINE_MAXIMA = 1024
 
 
 @triton.jit
@@ -46,10 +49,12 @@ def quantize_tensor(x: Tensor, tiny: float, amax: Tensor | None = None) -> tuple
     ``scale = max(max |x|, tiny) / 448``: the largest magnitude maps to e4m3's
     largest finite value. ``x`` is a contiguous CUDA tensor. ``amax``: partial
     maxima of ``|x|`` (1-D) from the kernel that produced ``x``
-    (:func:`ruvdllm.kernels.elementwise.rms_norm_amax`), which spare the reduction.
+    (:func:`ruvdllm.kernels.elementwise.add_rms_norm`), which spare the reduction.
     """
     if amax is None:
         amax = torch.linalg.vector_norm(x, ord=float("inf")).reshape(1)  # exact in x's dtype
+    elif amax.numel() > _INLINE_MAXIMA:  # every program would re-read them all
+        amax = amax.amax().reshape(1)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     n = x.numel()
