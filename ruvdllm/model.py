@@ -248,8 +248,12 @@ class Block(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend_and_mlp(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                        attn_mask: Tensor | None) -> Tensor:
-        """Attention of ``q`` over ``k``/``v``, output projection, then the SwiGLU MLP."""
+                        attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Attention of ``q`` over ``k``/``v``, output projection, then the SwiGLU MLP.
+
+        Returns ``(s, u)``, the block's output being ``s + u``: the fast path
+        leaves the last sum to the next block's norm kernel.
+        """
         B, T, _ = x.shape
         H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
@@ -259,17 +263,17 @@ class Block(nn.Module):
         if fused is None:
             x = x + update
             h = self.ff_norm(x)
-            return x + self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
+            return x, self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
         x, gate_up = self._norm_then(self.ff_norm, x, fused.linear, update)  # (B, T, 2F)
         if not _fused(gate_up):
-            return x + self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
+            return x, self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
         from ruvdllm.kernels.elementwise import swiglu_halves, swiglu_halves_amax
         from ruvdllm.quant import Fp8Linear  # quant imports this module
 
         if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
-            return x + self.dropout(self.ff_out(act, amax=amax))
-        return x + self.dropout(self.ff_out(swiglu_halves(gate_up)))
+            return x, self.dropout(self.ff_out(act, amax=amax))
+        return x, self.dropout(self.ff_out(swiglu_halves(gate_up)))
 
     def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module,
                    residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -302,24 +306,29 @@ class Block(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, Hkv, S+T, hd)
             v = torch.cat([past[1], v], dim=2)
-        return self._attend_and_mlp(x, q, k, v, attn_mask), (k, v)
+        x, update = self._attend_and_mlp(x, q, k, v, attn_mask)
+        return x + update, (k, v)
 
     def forward_into(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
-                     keys: Tensor, values: Tensor, index: Tensor) -> Tensor:
-        """Encode ``x`` ``(B, T, d)`` at sequence slots ``index`` ``(T,)`` of a fixed buffer.
+                     keys: Tensor, values: Tensor, index: Tensor,
+                     pending: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Encode ``x + pending`` ``(B, T, d)`` at sequence slots ``index`` ``(T,)`` of a
+        fixed buffer; ``(s, u)`` as :meth:`_attend_and_mlp` (the output is ``s + u``).
 
-        The new keys/values are written into ``keys``/``values`` ``(B, Hkv, L, hd)``
-        at ``index`` (replacing what those slots held), then the queries attend
-        to all ``L`` slots. Shapes never change, so the call can be captured in
-        a CUDA graph; bidirectional attention does not care about slot order.
+        ``pending`` is the previous block's ``u``, added by this block's first norm
+        kernel. The new keys/values are written into ``keys``/``values``
+        ``(B, Hkv, L, hd)`` at ``index`` (replacing what those slots held), then the
+        queries attend to all ``L`` slots. Shapes never change, so the call can be
+        captured in a CUDA graph; bidirectional attention does not care about slot order.
         """
         fused = self._fused_for("qkv")
         if fused is not None and _fused(x):  # one kernel: RoPE and the two slot writes
             from ruvdllm.kernels.elementwise import rope_qkv_into  # Triton: CUDA only
 
-            qkv = self._norm_then(self.attn_norm, x, fused.linear)[1]  # (B, T, (H+2Hkv) hd)
+            x, qkv = self._norm_then(self.attn_norm, x, fused.linear, pending)
             q = rope_qkv_into(qkv, cos, sin, keys, values, index, self.cfg.n_heads)
         else:
+            x = x if pending is None else x + pending
             q, k, v = self._qkv(x, cos, sin)
             keys.index_copy_(2, index, k)
             values.index_copy_(2, index, v)
@@ -470,10 +479,15 @@ class DiffusionLM(nn.Module):
         tr = self.transformer
         x = tr.wte(input_ids)
         blocks = cast(list[Block], list(tr.blocks))
+        pending: Tensor | None = None  # each block's last residual sum, left to the next
         for block, keys, values in zip(blocks, buffers.keys, buffers.values, strict=True):
-            x = block.forward_into(x, cos, sin, attn_mask, keys, values, index)
+            x, pending = block.forward_into(x, cos, sin, attn_mask, keys, values, index,
+                                            pending)
         if cfg.logits_shift:  # Dream: the output at i - 1 predicts token i
             logits_rows = (logits_rows - 1).clamp(min=0)
-        h = tr.ln_f(x.index_select(1, logits_rows))  # (B, R, d)
+        x = x.index_select(1, logits_rows)  # (B, R, d): the last sum for these rows only
+        if pending is not None:
+            x = x + pending.index_select(1, logits_rows)
+        h = tr.ln_f(x)
         logits = h @ tr.wte.weight.t() if cfg.weight_tying else tr.ff_out(h)
         return logits

@@ -127,8 +127,8 @@ def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,  # type: ig
         s = tl.load(sin_ptr + b * scb + t * sct + i)
         y1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
         y2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
-        if part == 0:  # queries: (B, H, T, hd)
-            dst = q_ptr + ((b * H + h) * T + t) * hd
+        if part == 0:  # queries: (B, T, H, hd) memory
+            dst = q_ptr + ((b * T + t) * H + h) * hd
         else:  # keys: their slots of the (B, Hkv, L, hd) buffer
             dst = k_ptr + ((b * HKV + h) * L + slot) * hd
         tl.store(dst + i, y1, mask=ok)
@@ -144,7 +144,8 @@ def rope_qkv_into(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: T
     (each a launch at every layer of every step). ``qkv`` ``(B, T, (H + 2 Hkv) hd)``
     with unit-stride rows; ``cos``/``sin`` float32 ``(B, 1, T, hd)``, contiguous;
     ``keys``/``values`` contiguous ``(B, Hkv, L, hd)``; ``index`` ``(T,)``.
-    Returns contiguous queries ``(B, H, T, hd)``.
+    Returns queries ``(B, H, T, hd)``, a view of ``(B, T, H, hd)`` memory: attention
+    then writes its output in that layout too, and ``(B, T, d)`` is a view of it.
     """
     B, T, width = qkv.shape
     _, Hkv, L, hd = keys.shape
@@ -152,12 +153,12 @@ def rope_qkv_into(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: T
             or not sin.is_contiguous() or not keys.is_contiguous()
             or not values.is_contiguous()):
         raise ValueError("rope_qkv_into: unexpected layout of q/k/v, tables or buffers")
-    q = torch.empty(B, n_heads, T, hd, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(B, T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     rows = qkv.reshape(B * T, width)  # (B T, width): a view for unit-stride rows
     _rope_qkv_kernel[(B * T, 3)](rows, cos, sin, q, keys, values, index, T, L, n_heads, Hkv,
                                  rows.stride(0), cos.stride(0), cos.stride(2), HALF=hd // 2,
                                  BLOCK_H=triton.next_power_of_2(max(n_heads, Hkv)))
-    return q
+    return q.transpose(1, 2)  # (B, H, T, hd)
 
 
 @triton.jit
