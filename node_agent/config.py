@@ -8,7 +8,7 @@ because a typo silently ignored would leave a node running with a setting its op
 did not choose.
 
     [node]         id, home (keys, error feedback, TALoRA store), data_dir (local text)
-    [model]        path ("default" = the embedded model), quant ("int8" | "int4" | "none")
+    [model]        path ("default" = the embedded model), quant ("int8" | "int4" | "fp8" | "none")
     [http]         host, port, request limits
     [grpc]         host, port of the local NodeAgent service
     [coordinator]  address of its gRPC service, its public key, TLS root certificate
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ruvdllm.quant import DEFAULT_GROUP_SIZE
+from ruvdllm.quant import DEFAULT_GROUP_SIZE, SCHEMES
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -159,8 +159,9 @@ class NodeConfig:
         """Check ranges and safety rules; returns self so calls can chain."""
         if self.node.id and not self.node.id.replace("-", "").replace("_", "").isalnum():
             raise NodeConfigError(f"node.id {self.node.id!r} must be letters, digits, - or _")
-        if self.model.quant not in ("int8", "int4", "none"):
-            raise NodeConfigError(f"model.quant {self.model.quant!r} is not int8, int4 or none")
+        if self.model.quant not in (*SCHEMES, "none"):
+            raise NodeConfigError(f"model.quant {self.model.quant!r} is not one of "
+                                  f"{', '.join(SCHEMES)} or none")
         for name in ("port", "max_body_bytes", "max_prompt_tokens", "max_new_tokens",
                      "max_steps", "max_concurrency", "default_steps", "default_new_tokens"):
             if getattr(self.http, name) <= 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ruvdllm.lora import LoRAConfig, export_peft, import_peft
+from ruvdllm.quant import SCHEMES
 from ruvdllm.talora import BANKS, TALoRA
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -137,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     t.add_argument("--bank", required=True, help="TALoRA bank folder (created if missing)")
     t.add_argument("--banks", nargs="+", choices=BANKS, default=list(BANKS))
     t.add_argument("--model", default="default")
-    t.add_argument("--quant", default="int8", choices=["none", "int8", "int4"])
+    t.add_argument("--quant", default="int8", choices=["none", *SCHEMES])
     t.add_argument("--device", default=None)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)

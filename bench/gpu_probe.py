@@ -1,0 +1,128 @@
+"""Where the 8B fast path's time goes (CUDA): float8 product variants and a kernel profile.
+
+``python3 -m bench.gpu_probe scaled-mm``: for every product of the 8B shape, bf16
+cuBLAS against ``torch._scaled_mm`` with one scale per tensor (cuBLAS) and with row
+scales (CUTLASS), fast accumulation or not, timed with :func:`bench.gpu.graph_us`;
+the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
+
+``python3 -m bench.gpu_probe profile [bf16|w4|fp8 ...]``: the fast path's kernels
+under ``torch.profiler`` (graphs off, so each kernel is seen; their sum is within a
+few percent of the graphed wall time, also printed), for 8 steps at B=1 and B=8 and
+64 steps at B=1, the most expensive kernels first.
+
+Figures in docs/decisions.md ("Session 5").
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from bench.gpu import SHAPES, graph_us, weight_copies
+from bench.inference import LLADA_8B, llada8b, random_prompts
+from ruvdllm.fast_sampler import FastSampler
+from ruvdllm.quant import quantize_fp8, quantize_fp8_activations, quantize_model
+from ruvdllm.sampler import SamplerConfig
+
+
+def _fp8_product(xq: torch.Tensor, weight: torch.Tensor, scale_a: torch.Tensor,
+                 scale_b: torch.Tensor, fast: bool) -> torch.Tensor:
+    return torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                            out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
+def scaled_mm_rows() -> None:
+    """Print µs per product: bf16 and the float8 variants, at the rows of a step."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in SHAPES:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        q, scale = quantize_fp8(w)
+        bf16s, fp8s = weight_copies((w,)), weight_copies((q,))
+        for M in (32, 64, 256, 512, 3072):
+            if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
+                continue
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            xq, xs = quantize_fp8_activations(x)
+            rows, cols = xs.expand(M, 1).contiguous(), scale.expand(1, N).contiguous()
+
+            cands: dict[str, list[Callable[[], object]]] = {
+                "bf16": [partial(F.linear, x, c) for (c,) in bf16s]}
+            for rowwise in (False, True):
+                a, b = (rows, cols) if rowwise else (xs, scale[0])
+                for fast in (False, True):
+                    name = f"{'row' if rowwise else 'tensor'}{'_fast' if fast else ''}"
+                    cands[name] = [partial(_fp8_product, xq, c, a, b, fast) for (c,) in fp8s]
+            times = {name: round(graph_us(fns), 1) for name, fns in cands.items()}
+            print(f"N={N} K={K} M={M}", json.dumps(times), flush=True)
+
+
+def _kernel_table(fn: Callable[[], object], label: str, top: int = 14) -> None:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by[e.name[:90]][0] += e.time_range.elapsed_us()
+            by[e.name[:90]][1] += 1
+    total = sum(us for us, _ in by.values())
+    print(f"== {label}: kernel sum {total / 1e3:.2f} ms over "
+          f"{int(sum(n for _, n in by.values()))} kernels", flush=True)
+    for name, (us, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"   {us / 1e3:8.2f} ms {int(n):6d}  {name}")
+
+
+def _wall_ms(fn: Callable[[], object], n: int = 5) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def profile(quant: str) -> None:
+    """Graphed wall time and the eager kernel table of each schedule, one precision."""
+    model = llada8b(torch.bfloat16)
+    if quant == "w4":
+        quantize_model(model, "int4", embedding=True)
+    elif quant == "fp8":
+        quantize_model(model, "fp8")
+    torch.cuda.empty_cache()
+    one = random_prompts(1, 128, LLADA_8B.vocab_size)
+    eight = random_prompts(8, 128, LLADA_8B.vocab_size)
+    eight_steps = SamplerConfig(steps=8, gen_length=256, block_length=32, cache="delayed")
+    long = SamplerConfig(steps=64, gen_length=256, block_length=32, cache="delayed",
+                         threshold=0.9)
+    graphed, eager = FastSampler(model), FastSampler(model, graphs=False)
+    for label, prompts, cfg in (("8 steps B=1", one, eight_steps),
+                                ("8 steps B=8", eight, eight_steps), ("64 steps B=1", one, long)):
+        ms = _wall_ms(partial(graphed.generate, prompts, cfg))
+        print(f"{quant} {label}: graphed wall {ms:.2f} ms", flush=True)
+        _kernel_table(partial(eager.generate, prompts, cfg), f"{quant} {label}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "profile"):
+        sys.exit("usage: python3 -m bench.gpu_probe scaled-mm | profile [bf16|w4|fp8 ...]")
+    if sys.argv[1] == "scaled-mm":
+        scaled_mm_rows()
+    else:
+        for q in sys.argv[2:] or ["bf16"]:
+            if q not in ("bf16", "w4", "fp8"):
+                sys.exit(f"unknown precision {q!r}: bf16, w4 or fp8")
+            profile(q)
