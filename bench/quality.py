@@ -83,9 +83,9 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
 
 
 def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
-    """Perplexity per domain for float/int8/int4 and the worst quantized ratio."""
+    """Perplexity per domain for float/int8/int4/fp8 and the worst quantized ratio."""
     domains: list[str] = params["domains"]
-    schemes = ("none", "int8", "int4")
+    schemes = ("none", "int8", "int4", "fp8")
     ppl: dict[tuple[str, str], float] = {}
     for quant in tqdm(schemes, desc="quality", leave=False):
         rt = load(params["model"], device=ctx.device, quant=quant,
@@ -99,7 +99,7 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     geomean = math.exp(sum(math.log(ppl["none", d]) for d in domains) / len(domains))
     rows.append(ctx.row("quality", "ppl_geomean", geomean, "ppl",
                         note=f"float, ELBO bound, geometric mean over {', '.join(domains)}"))
-    for quant in ("int8", "int4"):
+    for quant in schemes[1:]:
         ratios = {d: ppl[quant, d] / ppl["none", d] for d in domains}
         worst = max(ratios, key=ratios.__getitem__)
         rows.append(ctx.row("quality", f"{quant}_ppl_ratio_max", ratios[worst], "x",

@@ -17,10 +17,11 @@ baselines of GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023).
 * ``fp8``: W8A8 in float8 e4m3 (Micikevicius et al. 2022, "FP8 Formats for
   Deep Learning"): the weight with one power-of-two scale per tensor, the
   input quantized at run time with one scale per call (its largest magnitude
-  maps to 448), multiplied on float8 tensor cores (``torch._scaled_mm``). Not
+  maps to 448), multiplied on float8 tensor cores (``torch._scaled_mm``; on
+  CPU the same product in float32, where float8 values multiply exactly). Not
   weight-only: a whole-sequence step is bound by arithmetic (384+ rows), and
   float8 products run at twice bfloat16's rate on Hopper. Per tensor, not per
-  row, because cuBLAS's per-tensor float8 product is 1.2-1.9x faster than the
+  row, because cuBLAS's per-tensor float8 product is 1.2-2.4x faster than the
   row-scaled one at a cached step's 32-64 rows (docs/decisions.md); e4m3 is a
   float, so one scale costs range, not precision. Power-of-two scales make
   fusing q/k/v (or gate/up) under one scale an exact exponent shift.
@@ -307,9 +308,10 @@ class Int4Linear(QuantizedLinear):
 
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-# From this many rows the row-scaled float8 product (CUTLASS; bfloat16 output only) beats
-# cuBLAS's per-tensor one on the 8B shapes (H200: 12 288 x 4 096 at 3 072 rows, 207 vs
-# 227 us); below, per-tensor is faster (64 rows: 16.3 vs 20.9 us). Same scales either way.
+# From this many rows the row-scaled float8 product (CUTLASS; bfloat16 output only) is as
+# fast as cuBLAS's per-tensor one or faster (H200, a layer's four 8B products at 3 072
+# rows: 937 vs 1 047 us in one run, 965 vs 976 in another); at a cached step's 32-64
+# rows per-tensor is 1.2-2.4x faster (bench/gpu_probe.py). Same scales either way.
 _FP8_ROWWISE_MIN_ROWS = 1024
 
 
@@ -348,15 +350,18 @@ def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = N
     """
     q, x_scale = quantize_fp8_activations(x, amax)
     M, N = x.shape[0], weight.shape[0]
-    if x.is_cuda and (x.shape[1] % 16 or N % 16):  # cuBLAS's float8 alignment
+    if not x.is_cuda or x.shape[1] % 16 or N % 16:
+        # the same product in float32 (float8 values and their products are exact there):
+        # torch's CPU float8 product measured 190x slower (256 x 384 x 1 024: 7.35 s
+        # against 0.039 s), and cuBLAS needs dimensions in multiples of 16
         y = (q.float() * x_scale) @ (weight.float() * scale).t()
-    elif x.is_cuda and x.dtype == torch.bfloat16 and M >= _FP8_ROWWISE_MIN_ROWS:
+    elif x.dtype == torch.bfloat16 and M >= _FP8_ROWWISE_MIN_ROWS:
         y = torch._scaled_mm(q, weight.t(), scale_a=x_scale.expand(M, 1).contiguous(),
                              scale_b=scale.expand(1, N).contiguous(), out_dtype=x.dtype,
                              use_fast_accum=True)
     else:
         y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale[0],
-                             out_dtype=x.dtype, use_fast_accum=x.is_cuda)
+                             out_dtype=x.dtype, use_fast_accum=True)
     return y.to(x.dtype)
 
 
