@@ -3,19 +3,19 @@
 Called by the ``inference`` and ``memory`` sections under ``--device cuda``
 (``ruvdllm-bench --device cuda --only inference,memory``). One run:
 
-1. kernels: every weight-only product of the 8B shape at the token counts of a
-   step (``M``), Triton int4/int8 against bfloat16 cuBLAS and against
-   dequantize-then-cuBLAS, each checked against a float32 product of the
-   dequantized weight first (relative error rows);
+1. kernels: every product of the 8B shape at the token counts of a step
+   (``M``), Triton int4/int8 against bfloat16 cuBLAS, dequantize-then-cuBLAS
+   and the fp8 (W8A8) product, each checked against a float32 product first
+   (relative error rows);
 2. agreement: tokens of the fast path against the reference sampler, on the
    default (trained) model in float32 and on the 8B shape in bfloat16;
 3. latency: the naive reference (:func:`naive_generate`: issue #6's definition,
    eager, a full forward with every position's logits every step) and the fast
    path (``FastSampler``: caches, threshold, CUDA graphs) on the 8B shape with
-   random weights, bfloat16 then int4 (W4: every linear and the embedding),
-   interleaved rounds, medians; each cache mode and block length, the best is
-   the headline; the headline once more with the eager element-wise ops
-   instead of the fused kernels.
+   random weights, bfloat16, int4 (W4: every linear and the embedding), then
+   fp8 (W8A8: every linear; fresh weights), interleaved rounds, medians; each
+   cache mode and block length, the best is the headline; the headline once
+   more with the eager element-wise ops instead of the fused kernels.
 
 Random weights carry no meaning, so a confidence threshold rarely fires on
 them: the 64-step figure is an upper bound of what a trained model needs.
