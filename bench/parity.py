@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -119,8 +120,9 @@ def _timing_rows(ctx: BenchContext, diff: Runtime, ar: Runtime, prompts: list[li
 
 
 def _quality(params: dict[str, Any], diff: Runtime, ar: Runtime, ks: list[int],
-             G: int) -> tuple[dict[int, float], float]:
-    """Mean chrF of diffusion at each K and of the AR twin on the held-out prompts."""
+             G: int) -> tuple[dict[int, float], float, dict[str, float]]:
+    """Mean chrF on the held-out prompts: diffusion at each K, the AR twin, and diffusion
+    at ``cache_quality_steps`` under each cache mode of ``cache_quality``."""
     tok = diff.tokenizer
     pairs = heldout_prompts(tok, params["quality_prompts"], params["prompt_length"], G,
                             tuple(params["quality_domains"]))
@@ -134,7 +136,10 @@ def _quality(params: dict[str, Any], diff: Runtime, ar: Runtime, ks: list[int],
     sampler = Sampler(diff.model)
     diff_scores = {k: score(sampler.generate(prompts, _diffusion_cfg(params, k, G)))
                    for k in tqdm(ks, desc="parity quality", leave=False)}
-    return diff_scores, score(ar_generate(ar.model, prompts, G))
+    fixed = _diffusion_cfg(params, params["cache_quality_steps"], G)
+    cache_scores = {cache: score(sampler.generate(prompts, replace(fixed, cache=cache)))
+                    for cache in params["cache_quality"]}
+    return diff_scores, score(ar_generate(ar.model, prompts, G)), cache_scores
 
 
 def _memory_rows(ctx: BenchContext, params: dict[str, Any], batches: list[int]) -> list[Row]:
@@ -174,9 +179,14 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                                  length, B, "length_")[0]
     rows += _memory_rows(ctx, params, batches)
 
-    diff_q, ar_q = _quality(params, diff, ar, ks, G)
+    diff_q, ar_q, cache_q = _quality(params, diff, ar, ks, G)
     rows += [ctx.row("parity", labelled("chrf", model="diffusion", K=k), q, "chrF")
              for k, q in diff_q.items()]
+    K = params["cache_quality_steps"]
+    rows += [ctx.row("parity", labelled("chrf", model="diffusion", K=K, cache=cache), q, "chrF",
+                     note=f"what each cache mode costs in quality (issue #6): {K} steps, "
+                          f"same prompts and metric, {params['quant']} weights")
+             for cache, q in cache_q.items()]
     rows.append(ctx.row("parity", labelled("chrf", model="ar"), ar_q, "chrF"))
     reached = [k for k in sorted(diff_q) if diff_q[k] >= ar_q]
     metric = (f"chrF on {params['quality_prompts']} held-out continuations of {G} tokens; "
