@@ -9,6 +9,12 @@ shape, against a weight-read floor of 1.4 ms (int4). One kernel per operation
 reads its inputs once and writes once. Each computes in float32 and rounds where
 the eager code rounds, so results match it up to float32 contraction.
 
+Neighbouring operations share a kernel where the fast path runs them back to
+back: a residual sum and the RMSNorm after it (:func:`add_rms_norm`), RoPE and
+the key/value slot writes of a cached step (:func:`rope_qkv_into`); RMSNorm and
+SwiGLU can also return their outputs' maxima, the input scale of a float8
+product (:mod:`ruvdllm.kernels.fp8`).
+
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)
 """
