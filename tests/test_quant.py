@@ -307,3 +307,24 @@ def test_int4_embedding_refusals() -> None:
         quantize_model(small_model(), "int8", embedding=True)
     with pytest.raises(ValueError, match="tied"):
         quantize_model(small_model(weight_tying=True), "int4", embedding=True)
+
+
+def test_fp8_fused_projection_shares_one_power_of_two_scale() -> None:
+    """q/k/v under one scale: each part's values shift by an exponent, nothing else."""
+    model = quantize_model(small_model(), "fp8")
+    block = model.transformer.blocks[0]
+    parts = [block.q_proj, block.k_proj, block.v_proj]
+    before = [p.dequantize() for p in parts]
+    block.q_proj.scales.mul_(4)  # make the parts' scales differ by powers of two
+    block.q_proj.weight.copy_((block.q_proj.weight.float() / 4).to(torch.float8_e4m3fn))
+    before[0] = block.q_proj.dequantize()
+    model.fuse_projections()
+    fused = block._fused["qkv"].linear
+    assert isinstance(fused, Fp8Linear) and fused.scales.item() == max(
+        p.scales.item() for p in parts)
+    for p, b in zip(parts, before, strict=True):
+        assert p.scales is fused.scales and p.weight.data_ptr() >= fused.weight.data_ptr()
+        # exact but where a shift pushes a value below e4m3's normals (step 2^-9 x scale)
+        assert ((p.dequantize() - b).abs() <= fused.scales * 2.0**-10).all()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1))
