@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, ClassVar, Literal, Self, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -197,22 +197,37 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class Int8Linear(QuantizedLinear):
-    """``y = x Wᵀ (+ b)`` with an int8 weight and one scale per output row."""
+class _UnpackedLinear(QuantizedLinear):
+    """A quantized linear storing one element per weight (int8, float8) and float32 scales,
+    one per output row or one for the tensor."""
+
+    STORAGE: ClassVar[torch.dtype]
+    SCALE_PER_ROW: ClassVar[bool]
+
+    @staticmethod
+    def quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q, scales)`` of a float weight ``(out, in)``."""
+        raise NotImplementedError
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scales = quantize_int8(linear.weight)
+    def from_linear(cls, linear: nn.Linear) -> Self:
+        q, scales = cls.quantize(linear.weight)
         return cls(linear.in_features, linear.out_features, q, scales, linear.bias)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear) -> Int8Linear:
+    def empty_like(cls, linear: nn.Linear) -> Self:
         """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
-        dev = linear.weight.device
-        return cls(linear.in_features, linear.out_features,
-                   torch.empty(linear.out_features, linear.in_features, dtype=torch.int8,
-                               device=dev),
-                   torch.empty(linear.out_features, device=dev), linear.bias)
+        out_f, dev = linear.out_features, linear.weight.device
+        return cls(linear.in_features, out_f,
+                   torch.empty(out_f, linear.in_features, dtype=cls.STORAGE, device=dev),
+                   torch.empty(out_f if cls.SCALE_PER_ROW else 1, device=dev), linear.bias)
+
+
+class Int8Linear(_UnpackedLinear):
+    """``y = x Wᵀ (+ b)`` with an int8 weight and one scale per output row."""
+
+    STORAGE, SCALE_PER_ROW = torch.int8, True
+    quantize = staticmethod(quantize_int8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
@@ -365,7 +380,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = N
     return y.to(x.dtype)
 
 
-class Fp8Linear(QuantizedLinear):
+class Fp8Linear(_UnpackedLinear):
     """``y = x Wᵀ (+ b)`` with a float8 weight and float8 activations (W8A8, per tensor).
 
     Inputs that need a gradient (LoRA training through a quantized base) are
@@ -373,19 +388,8 @@ class Fp8Linear(QuantizedLinear):
     quantization has no gradient.
     """
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        q, scale = quantize_fp8(linear.weight)
-        return cls(linear.in_features, linear.out_features, q, scale, linear.bias)
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
-        """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
-        dev = linear.weight.device
-        return cls(linear.in_features, linear.out_features,
-                   torch.empty(linear.out_features, linear.in_features,
-                               dtype=torch.float8_e4m3fn, device=dev),
-                   torch.empty(1, device=dev), linear.bias)
+    STORAGE, SCALE_PER_ROW = torch.float8_e4m3fn, False
+    quantize = staticmethod(quantize_fp8)
 
     @staticmethod
     def concatenate(parts: list[QuantizedLinear]) -> tuple[Tensor, Tensor]:

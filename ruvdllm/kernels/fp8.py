@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+from ruvdllm.quant import FP8_MAX
+
 _BLOCK = 4096
 # Up to this many partial maxima each program reduces them itself (a cached step's
 # 32-64 rows); beyond, one small reduction first (a batch's or a whole sequence's rows).
