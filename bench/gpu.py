@@ -12,8 +12,9 @@ Called by the ``inference`` and ``memory`` sections under ``--device cuda``
 3. latency: the naive reference (:func:`naive_generate`: issue #6's definition,
    eager, a full forward with every position's logits every step) and the fast
    path (``FastSampler``: caches, threshold, CUDA graphs) on the 8B shape with
-   random weights, bfloat16, int4 (W4: every linear and the embedding), then
-   fp8 (W8A8: every linear; fresh weights), interleaved rounds, medians; each
+   random weights, in each precision of ``llada8b_precisions``: bfloat16, int4
+   (W4: every linear and the embedding), fp8 (W8A8: every linear), W4A8 (int4
+   weights, int8 activations; int4 embedding), interleaved rounds, medians; each
    cache mode and block length, the best is the headline; the headline once
    more with the eager element-wise ops instead of the fused kernels.
 
@@ -44,7 +45,9 @@ from ruvdllm.quant import (
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     fp8_matmul,
+    quantize_activations_int8,
     quantize_model,
     weight_bytes,
 )
@@ -103,7 +106,14 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
+def _w4a8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The W4A8 product as its linear runs it: the rows' int8 quantization, then the kernel."""
+    from ruvdllm.kernels.w4a8 import w4a8_matmul  # Triton: CUDA only
+
+    return w4a8_matmul(*quantize_activations_int8(x), packed, scales, x.dtype)
+
+
+def kernel_rows(ctx: BenchContext, tokens: list[int], w4a8_group: int) -> list[Row]:
     """Time (µs, :func:`graph_us`) and error of each weight-only product candidate."""
     from ruvdllm.kernels.weight_only import (  # Triton: CUDA only
         _int4_fused,
@@ -119,12 +129,13 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
         lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
         q4, q8 = Int4Linear.from_linear(lin, 32), Int8Linear.from_linear(lin)
-        f8 = Fp8Linear.from_linear(lin)
+        f8, a8 = Fp8Linear.from_linear(lin), W4A8Linear.from_linear(lin, w4a8_group)
         w4, w8 = q4.dequantize(torch.float32), q8.dequantize(torch.float32)
         bf16s = weight_copies((lin.weight,))
         int4s = weight_copies((q4.weight, q4.scales))
         int8s = weight_copies((q8.weight, q8.scales))
         fp8s = weight_copies((f8.weight, f8.scales))
+        w4a8s = weight_copies((a8.weight, a8.scales))
         for M in tokens:
             if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
                 continue
@@ -139,19 +150,23 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                                         _rel_err(y, x.float() @ w.t()), "",
                                         note="Triton vs float32 product of the dequantized "
                                              "weight"))
-                rows.append(ctx.row("inference", f"kernel_rel_err{{fp8,{label}}}",
-                                    _rel_err(fp8_matmul(x, f8.weight, f8.scales),
-                                             x.float() @ lin.weight.float().t()), "",
-                                    note="W8A8 float8 vs float32 product of the bfloat16 "
-                                         "weight (both quantizations' error)"))
+                exact = x.float() @ lin.weight.float().t()
+                for name, y in (("fp8", fp8_matmul(x, f8.weight, f8.scales)),
+                                (f"w4a8_g{w4a8_group}", _w4a8(x, a8.weight, a8.scales))):
+                    rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
+                                        _rel_err(y, exact), "",
+                                        note="vs float32 product of the bfloat16 weight "
+                                             "(weight and input quantization's error)"))
             candidates: dict[str, list[Callable[[], object]]] = {
                 "bf16": [partial(F.linear, x, w) for (w,) in bf16s],
                 "int4": [partial(int4_matmul, x, p, s) for p, s in int4s],
                 "int4_fused": [partial(_int4_fused, x, p, s) for p, s in int4s],
                 "int8": [partial(int8_matmul, x, w, s) for w, s in int8s],
                 "fp8": [partial(fp8_matmul, x, w, s) for w, s in fp8s],
+                f"w4a8_g{w4a8_group}": [partial(_w4a8, x, p, s) for p, s in w4a8s],
             }
             int4_bytes = N * K // 2 + q4.scales.numel() * 2
+            w4a8_bytes = N * K // 2 + a8.scales.numel() * 2
             for name, fns in candidates.items():
                 us = graph_us(fns)
                 note = ""
@@ -159,9 +174,13 @@ def kernel_rows(ctx: BenchContext, tokens: list[int]) -> list[Row]:
                     path = "dequant + cuBLAS" if uses_dequantize(M, q4.weight) else "fused"
                     note = (f"{path}; weight bytes at {int4_bytes / us / 1e6 / DEVICE_COPY_TBS:.0%}"
                             f" of {DEVICE_COPY_TBS} TB/s")
+                elif name.startswith("w4a8"):
+                    note = (f"int8 row quantization + kernel; weight bytes at "
+                            f"{w4a8_bytes / us / 1e6 / DEVICE_COPY_TBS:.0%} of "
+                            f"{DEVICE_COPY_TBS} TB/s")
                 rows.append(ctx.row("inference", f"kernel_us{{{name},{label}}}", us, "us",
                                     note=note))
-        del lin, q4, q8, f8, w4, w8, bf16s, int4s, int8s, fp8s
+        del lin, q4, q8, f8, a8, w4, w8, bf16s, int4s, int8s, fp8s, w4a8s
         torch.cuda.empty_cache()
     return rows
 
@@ -261,7 +280,7 @@ def naive_generate(model: DiffusionLM, prompt: list[int], cfg: SamplerConfig) ->
 
 def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     """Every LLaDA-8B-shape inference row of the issue's goals (see module doc)."""
-    rows = kernel_rows(ctx, params["kernel_tokens"])
+    rows = kernel_rows(ctx, params["kernel_tokens"], params["w4a8_group_size"])
     rows += agreement_rows(ctx, params)
     P, G = params["llada8b_prompt_length"], params["llada8b_output_length"]
     steps, its = params["llada8b_steps"], params["llada8b_iterations"]
@@ -283,19 +302,31 @@ def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
                              f"for every position, block {params['naive_block_length']}, "
                              f"{steps} steps, bfloat16, eager ops, no graphs"))
     del ref_sampler, fast
-    for quant in ("bf16", "w4", "fp8"):
-        if quant == "w4":  # the bfloat16 weights, quantized in place
-            quantize_model(model, "int4", embedding=True)
-        elif quant == "fp8":  # fresh bfloat16 weights (the model above is int4 now)
+    for quant in params["llada8b_precisions"]:
+        if quant != "bf16":  # fresh bfloat16 weights, quantized
             del model
             torch.cuda.empty_cache()
-            model = quantize_model(llada8b(getattr(torch, params["llada8b_dtype"])), "fp8")
+            model = _quantized_8b(quant, getattr(torch, params["llada8b_dtype"]),
+                                  params["w4a8_group_size"])
         torch.cuda.empty_cache()
         rows += _fast_path_rows(ctx, params, model, "" if quant == "bf16" else f"{quant}_",
                                 one, batch, ref_ms)
     del model
     torch.cuda.empty_cache()
     return rows
+
+
+def _quantized_8b(quant: str, dtype: torch.dtype, w4a8_group: int) -> DiffusionLM:
+    """The 8B shape (random weights) in precision ``quant`` of ``bench.toml``'s
+    ``llada8b_precisions``: w4 (int4 linears and embedding, group 32), fp8 (linears)
+    or w4a8 (int4 in groups of ``w4a8_group``, int8 activations; int4 embedding)."""
+    if quant == "w4":
+        return quantize_model(llada8b(dtype), "int4", embedding=True)
+    if quant == "w4a8":
+        return quantize_model(llada8b(dtype), "w4a8", group_size=w4a8_group, embedding=True)
+    if quant == "fp8":
+        return quantize_model(llada8b(dtype), "fp8")
+    raise ValueError(f"unknown 8B precision {quant!r}; expected bf16, w4, fp8 or w4a8")
 
 
 def _fast_path_rows(ctx: BenchContext, params: dict[str, Any], model: DiffusionLM, tag: str,
@@ -356,7 +387,7 @@ def llada8b_w4_peak(model: DiffusionLM, prompt_length: int, output_length: int,
 
 if __name__ == "__main__":  # bench.memory: W4 weights, allocated before and peak, fresh process
     spec = json.loads(sys.argv[1])
-    w4 = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
+    w4 = _quantized_8b(spec["precision"], torch.bfloat16, spec["w4a8_group_size"])
     before, peak = llada8b_w4_peak(w4, spec["llada8b_prompt_length"],
                                    spec["llada8b_output_length"], spec["llada8b_steps"],
                                    spec["llada8b_block_length"], spec["llada8b_cache"])

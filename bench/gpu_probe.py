@@ -1,11 +1,15 @@
-"""Where the 8B fast path's time goes (CUDA): float8 product variants and a kernel profile.
+"""Where the 8B fast path's time goes (CUDA): product variants and a kernel profile.
 
 ``python3 -m bench.gpu_probe scaled-mm``: for every product of the 8B shape, bf16
 cuBLAS against ``torch._scaled_mm`` with one scale per tensor (cuBLAS) and with row
 scales (CUTLASS), fast accumulation or not, timed with :func:`bench.gpu.graph_us`;
 the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 
-``python3 -m bench.gpu_probe profile [bf16|w4|fp8 ...]``: the fast path's kernels
+``python3 -m bench.gpu_probe w4a8-tiles [group]``: every W4A8 tile configuration
+on every product of the 8B shape (int4 groups of ``group``, default 128), timed
+the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
+
+``python3 -m bench.gpu_probe profile [bf16|w4|fp8|w4a8 ...]``: the fast path's kernels
 under ``torch.profiler`` (graphs off, so each kernel is seen; their sum is within a
 few percent of the graphed wall time, also printed), for 8 steps at B=1 and B=8 and
 64 steps at B=1, the most expensive kernels first.
@@ -29,7 +33,13 @@ import torch.nn.functional as F
 from bench.gpu import SHAPES, graph_us, weight_copies
 from bench.inference import LLADA_8B, llada8b, random_prompts
 from ruvdllm.fast_sampler import FastSampler
-from ruvdllm.quant import quantize_fp8, quantize_fp8_activations, quantize_model
+from ruvdllm.quant import (
+    W4A8Linear,
+    quantize_activations_int8,
+    quantize_fp8,
+    quantize_fp8_activations,
+    quantize_model,
+)
 from ruvdllm.sampler import SamplerConfig
 
 
@@ -62,6 +72,43 @@ def scaled_mm_rows() -> None:
                     cands[name] = [partial(_fp8_product, xq, c, a, b, fast) for (c,) in fp8s]
             times = {name: round(graph_us(fns), 1) for name, fns in cands.items()}
             print(f"N={N} K={K} M={M}", json.dumps(times), flush=True)
+
+
+def w4a8_tile_rows(group: int) -> None:
+    """Print µs per W4A8 product (quantized input given) for each tile configuration,
+    at the rows of a step; the choice in :func:`ruvdllm.kernels.w4a8.w4a8_config`
+    comes from this table."""
+    from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_config, w4a8_matmul
+
+    small = [W4A8Config(0, 64, 4, st, sk, u) for st in (2, 3, 4) for sk in (1, 2, 4, 8)
+             for u in (1, 2)]
+    large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
+                                                              (128, 128, 8))
+             for st in (3, 4) for u in (1, 2)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in SHAPES:
+        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        q = W4A8Linear.from_linear(lin, group)
+        copies = weight_copies((q.weight, q.scales))
+        bf16s = weight_copies((lin.weight,))
+        for M in (32, 64, 384, 512, 3072):
+            if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
+                continue
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            xq, xs = quantize_activations_int8(x)
+            cfgs = ([c._replace(block_m=max(16, 1 << (M - 1).bit_length())) for c in small]
+                    if M <= 64 else large)
+            times = {"bf16": round(graph_us([partial(F.linear, x, w) for (w,) in bf16s]), 1),
+                     "quantize": round(graph_us([partial(quantize_activations_int8, x)]), 1),
+                     f"chosen {tuple(w4a8_config(M, N, K))}": round(graph_us(
+                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype) for p, s in copies]), 1)}
+            for c in cfgs:
+                times[str(tuple(c))] = round(graph_us(
+                    [partial(w4a8_matmul, xq, xs, p, s, x.dtype, c) for p, s in copies]), 1)
+            best = min((k for k in times if k.startswith("(")), key=lambda k: times[k])
+            print(f"N={N} K={K} M={M} best {best} {times[best]}", json.dumps(times), flush=True)
+        del lin, q, copies, bf16s
+        torch.cuda.empty_cache()
 
 
 def _kernel_table(fn: Callable[[], object], label: str, top: int = 14) -> None:
@@ -102,6 +149,8 @@ def profile(quant: str) -> None:
         quantize_model(model, "int4", embedding=True)
     elif quant == "fp8":
         quantize_model(model, "fp8")
+    elif quant == "w4a8":
+        quantize_model(model, "w4a8", group_size=128, embedding=True)
     torch.cuda.empty_cache()
     one = random_prompts(1, 128, LLADA_8B.vocab_size)
     eight = random_prompts(8, 128, LLADA_8B.vocab_size)
@@ -117,12 +166,16 @@ def profile(quant: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "profile"):
-        sys.exit("usage: python3 -m bench.gpu_probe scaled-mm | profile [bf16|w4|fp8 ...]")
+    usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group] | "
+             "profile [bf16|w4|fp8|w4a8 ...]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "profile"):
+        sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
+    elif sys.argv[1] == "w4a8-tiles":
+        w4a8_tile_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 128)
     else:
         for q in sys.argv[2:] or ["bf16"]:
-            if q not in ("bf16", "w4", "fp8"):
-                sys.exit(f"unknown precision {q!r}: bf16, w4 or fp8")
+            if q not in ("bf16", "w4", "fp8", "w4a8"):
+                sys.exit(f"unknown precision {q!r}: bf16, w4, fp8 or w4a8")
             profile(q)

@@ -151,9 +151,10 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
 
         return llada8b_rows(params, ctx)
     names = ["llada8b_reference_p50_ms_b1", "llada8b_latency_p50_ms_b1",
-             "llada8b_tokens_per_s_b8", "llada8b_w4_latency_p50_ms_b1",
-             "llada8b_w4_tokens_per_s_b8", "llada8b_w4_speedup_b1",
-             f"llada8b_w4_p50_ms_{params['long_steps']}steps"]
+             "llada8b_tokens_per_s_b8"]
+    for tag in ("w4", "fp8", "w4a8"):
+        names += [f"llada8b_{tag}_latency_p50_ms_b1", f"llada8b_{tag}_tokens_per_s_b8",
+                  f"llada8b_{tag}_speedup_b1", f"llada8b_{tag}_p50_ms_{params['long_steps']}steps"]
     return [Row("inference", n, float("nan"), "", note="not measured on cpu (LLaDA-8B "
                 "shape runs with --device cuda)") for n in names]
 

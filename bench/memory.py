@@ -97,18 +97,35 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
 
 
 def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
-    names = {"llada8b_int4_weights_gb": "GB", "llada8b_int4_total_gb": "GB",
-             "llada8b_kv_cache_gb": "GB"}
+    precisions = {"int4": "w4", "w4a8": "w4a8"}  # row prefix: bench.gpu's precision
+    names = {**{f"llada8b_{p}_{what}_gb": "GB" for p in precisions
+                for what in ("weights", "total")}, "llada8b_kv_cache_gb": "GB"}
     if ctx.device != "cuda":
         return [Row("memory", n, float("nan"), u, note="not measured on cpu (LLaDA-8B int4 "
                     "runs with --device cuda)") for n, u in names.items()]
     G = params["llada8b_output_length"]
-    # A fresh process: what earlier sections left allocated stays out of the peak.
-    spec = {k: params[k] for k in ("llada8b_prompt_length", "llada8b_output_length",
-                                   "llada8b_steps", "llada8b_block_length", "llada8b_cache")}
-    out = subprocess.run([sys.executable, "-m", "bench.gpu", json.dumps(spec)],
-                         capture_output=True, text=True, check=True)
-    weights, before, total = map(int, out.stdout.split()[-3:])
+    rows: list[Row] = []
+    for prefix, precision in precisions.items():
+        # A fresh process: what earlier sections left allocated stays out of the peak.
+        spec = {k: params[k] for k in ("llada8b_prompt_length", "llada8b_output_length",
+                                       "llada8b_steps", "llada8b_block_length",
+                                       "llada8b_cache", "w4a8_group_size")}
+        out = subprocess.run([sys.executable, "-m", "bench.gpu",
+                              json.dumps({**spec, "precision": precision})],
+                             capture_output=True, text=True, check=True)
+        weights, before, total = map(int, out.stdout.split()[-3:])
+        what = ("int4 linears (group 32) and embedding" if precision == "w4" else
+                f"int4 linears (group {params['w4a8_group_size']}, int8 activations) "
+                "and int4 embedding")
+        rows += [ctx.row("memory", f"llada8b_{prefix}_weights_gb", weights / 1e9, "GB",
+                         note=what),
+                 ctx.row("memory", f"llada8b_{prefix}_total_gb", total / 1e9, "GB",
+                         note=f"peak allocated, weights included ({what}, bfloat16 scales), "
+                              f"fast path ({params['llada8b_cache']} cache, block "
+                              f"{params['llada8b_block_length']}, CUDA graphs, Triton "
+                              f"autotuning), B=1, {params['llada8b_prompt_length']}+{G} "
+                              f"tokens, a fresh process; allocated before generating: "
+                              f"{before / 1e9:.2f} GB")]
     model = quantize_model(llada8b(torch.bfloat16), "int4", embedding=True)
     ctx_ids = torch.tensor(random_prompts(1, params["llada8b_context"], model.config.vocab_size),
                            device="cuda")
@@ -119,15 +136,8 @@ def _llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     del model, cache
     torch.cuda.empty_cache()
     ctxlen = params["llada8b_context"]
-    return [ctx.row("memory", "llada8b_int4_weights_gb", weights / 1e9, "GB"),
-            ctx.row("memory", "llada8b_int4_total_gb", total / 1e9, "GB",
-                    note=f"peak allocated, weights included (int4 linears and embedding, "
-                         f"bfloat16 scales), fast path ({params['llada8b_cache']} cache, block "
-                         f"{params['llada8b_block_length']}, CUDA graphs, Triton autotuning), "
-                         f"B=1, {params['llada8b_prompt_length']}+{G} tokens, a fresh "
-                         f"process; allocated before generating: {before / 1e9:.2f} GB"),
-            ctx.row("memory", "llada8b_kv_cache_gb", kv / 1e9, "GB",
-                    note=f"bfloat16 keys+values of {ctxlen} tokens")]
+    return [*rows, ctx.row("memory", "llada8b_kv_cache_gb", kv / 1e9, "GB",
+                           note=f"bfloat16 keys+values of {ctxlen} tokens")]
 
 
 if __name__ == "__main__":

@@ -183,10 +183,10 @@ class FusedProjection:
     @staticmethod
     def fusable(parts: list[nn.Module]) -> bool:
         """Plain or quantized linears of one type, input, dtype and bias presence."""
-        from ruvdllm.quant import Fp8Linear, Int4Linear, Int8Linear
+        from ruvdllm.quant import Fp8Linear, Int4Linear, Int8Linear, W4A8Linear
 
         kind = type(parts[0])
-        return (kind in (nn.Linear, Int4Linear, Int8Linear, Fp8Linear)
+        return (kind in (nn.Linear, Int4Linear, Int8Linear, Fp8Linear, W4A8Linear)
                 and all(type(p) is kind for p in parts)
                 and len({(p.in_features, cast(Tensor, p.weight).dtype, p.bias is None)
                          for p in parts}) == 1)
@@ -267,12 +267,19 @@ class Block(nn.Module):
         x, gate_up = self._norm_then(self.ff_norm, x, fused.linear, update)  # (B, T, 2F)
         if not _fused(gate_up):
             return x, self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
-        from ruvdllm.kernels.elementwise import swiglu_halves, swiglu_halves_amax
-        from ruvdllm.quant import Fp8Linear  # quant imports this module
+        from ruvdllm.kernels.elementwise import (
+            swiglu_halves,
+            swiglu_halves_amax,
+            swiglu_halves_int8,
+        )
+        from ruvdllm.quant import TINY, Fp8Linear, W4A8Linear  # quant imports this module
 
         if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
             return x, self.dropout(self.ff_out(act, amax=amax))
+        if isinstance(self.ff_out, W4A8Linear):  # quantized by the SwiGLU kernel itself
+            q, scale = swiglu_halves_int8(gate_up, TINY)  # (B T, F)
+            return x, self.dropout(self.ff_out.forward_int8(q, scale, (B, T), x.dtype))
         return x, self.dropout(self.ff_out(swiglu_halves(gate_up)))
 
     def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module,
@@ -280,13 +287,17 @@ class Block(nn.Module):
         """``(s, linear(norm(s)))`` with ``s = x + residual`` (``x`` without one).
 
         Fused (16-bit CUDA): one kernel for the sum and the norm, which also
-        hands a float8 linear its input's row maxima.
+        hands a float8 linear its input's row maxima, or a W4A8 linear its input
+        quantized per row.
         """
-        from ruvdllm.quant import Fp8Linear  # quant imports this module
+        from ruvdllm.quant import TINY, Fp8Linear, W4A8Linear  # quant imports this module
 
         if _fused(x) and norm.weight.dtype == x.dtype:
-            from ruvdllm.kernels.elementwise import add_rms_norm  # Triton: CUDA only
+            from ruvdllm.kernels.elementwise import add_rms_norm, add_rms_norm_int8
 
+            if isinstance(linear, W4A8Linear):
+                x, q, scale = add_rms_norm_int8(x, residual, norm.weight, norm.eps, TINY)
+                return x, linear.forward_int8(q, scale, x.shape[:-1], x.dtype)
             fp8 = isinstance(linear, Fp8Linear)
             x, h, amax = add_rms_norm(x, residual, norm.weight, norm.eps, amax=fp8)
             return x, cast(Tensor, linear(h, amax=amax) if fp8 else linear(h))

@@ -25,7 +25,17 @@ baselines of GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023).
   row-scaled one at a cached step's 32-64 rows (docs/decisions.md); e4m3 is a
   float, so one scale costs range, not precision. Power-of-two scales make
   fusing q/k/v (or gate/up) under one scale an exact exponent shift.
-* optionally (``embedding=True``, int4 only, untied models) the token
+* ``w4a8``: int4 weights as in ``int4`` (the same values and scales), stored
+  for integer tensor cores, and int8 activations with one scale per row
+  (token), quantized at run time (W4A8 as in QServe, Lin et al. 2024, without
+  its two-level scales). Why: a weight-only int4 product must turn every
+  weight into a 16-bit float times its scale before a bfloat16 product, which
+  kept the GPU kernel at 22-53 % of the memory bandwidth at a cached step's
+  32-64 rows; int8 products take the nibbles with two bit operations per four
+  bytes and apply each scale once per group (docs/decisions.md, session 6).
+  Columns are reordered within chunks of 32 (:data:`W4A8_CHUNK`) and scales
+  are stored transposed; see :class:`W4A8Linear`.
+* optionally (``embedding=True``, int4 and w4a8, untied models) the token
   embedding too, row by row in the same int4 groups: it is looked up, never
   multiplied, so a lookup dequantizes only the rows it reads. On the LLaDA-8B
   shape the bfloat16 embedding is 1.04 GB, a fifth of the 5 GB W4 goal.
@@ -37,6 +47,8 @@ State-dict layout of a quantized ``nn.Linear`` (names unchanged, so LLaDA's
 * ``scales``: float32 ``(out,)`` (int8) or bfloat16 ``(out, in/group_size)``
   (int4; checkpoints written before held float32, which loads rounded);
   fp8: ``weight`` float8_e4m3fn ``(out, in)``, ``scales`` float32 ``(1,)``;
+  w4a8: ``weight`` uint8 ``(out, in/2)`` in :data:`W4A8_CHUNK` column order,
+  ``scales`` bfloat16 ``(in/group_size, out)``;
 * ``bias``: float, only where the float model had one (Dream's q/k/v).
 
 The group size is implied by the shapes and recorded in ``config.json``; a
@@ -72,13 +84,13 @@ from ruvdllm.checkpoint import load_model, resolve, save_checkpoint
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 
-Scheme = Literal["int8", "int4", "fp8"]
+Scheme = Literal["int8", "int4", "fp8", "w4a8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions.md
 _INT8_MAX = 127
 _INT4_MAX = 7
-_TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
+TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
 INT4_SCALE_DTYPE = torch.bfloat16
 MODULES = ("all-linear", "all-linear+embedding")
 
@@ -86,7 +98,7 @@ MODULES = ("all-linear", "all-linear+embedding")
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """``(q int8 (out, in), scales float32 (out,))`` with ``w ≈ q * scales[:, None]``."""
     w = w.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=_TINY) / _INT8_MAX  # (out,)
+    scales = w.abs().amax(dim=1).clamp(min=TINY) / _INT8_MAX  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return q, scales
 
@@ -108,7 +120,7 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """
     out_f, in_f = w.shape
     wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
-    absmax = wg.abs().amax(dim=-1).clamp(min=_TINY)  # (out, G)
+    absmax = wg.abs().amax(dim=-1).clamp(min=TINY)  # (out, G)
     best_err = torch.full_like(absmax, torch.inf)
     scales = absmax / _INT4_MAX
     tiny = torch.finfo(INT4_SCALE_DTYPE).tiny  # an all-zero group's scale stays nonzero
@@ -120,9 +132,14 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
         scales = torch.where(better, cand, scales)
         best_err = torch.where(better, err, best_err)
     q = torch.round(wg / scales[..., None]).clamp(-_INT4_MAX, _INT4_MAX).to(torch.int8)
-    q = q.reshape(out_f, in_f)  # (out, in)
+    return pack_int4(q.reshape(out_f, in_f)), scales.to(INT4_SCALE_DTYPE)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 ``(out, in/2)`` of int8 values ``(out, in)`` in [-8, 7]: column ``2j`` in the
+    low nibble of byte ``j``, ``2j+1`` in the high one."""
     packed = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4)  # (out, in/2), int8 bit patterns
-    return packed.view(torch.uint8), scales.to(INT4_SCALE_DTYPE)
+    return packed.view(torch.uint8)
 
 
 def unpack_int4(packed: Tensor, dtype: torch.dtype = torch.int8) -> Tensor:
@@ -338,7 +355,7 @@ def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
     power of two (:meth:`Fp8Linear.concatenate`) is exact.
     """
     w = w.detach().float()
-    amax = w.abs().amax().clamp(min=_TINY)
+    amax = w.abs().amax().clamp(min=TINY)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).reshape(1)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
@@ -351,9 +368,9 @@ def quantize_fp8_activations(x: Tensor, amax: Tensor | None = None) -> tuple[Ten
     if x.is_cuda:
         from ruvdllm.kernels.fp8 import quantize_tensor  # Triton: CUDA only
 
-        return quantize_tensor(x.contiguous(), _TINY, amax)
+        return quantize_tensor(x.contiguous(), TINY, amax)
     peak = x.detach().abs().amax() if amax is None else amax.amax()
-    scale = peak.float().clamp(min=_TINY) / FP8_MAX
+    scale = peak.float().clamp(min=TINY) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -424,6 +441,107 @@ class Fp8Linear(_UnpackedLinear):
         return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
 
 
+# W4A8's column order inside each chunk of 32 (one int8 tensor-core step): byte j of a
+# chunk's 16 holds columns j (low nibble) and 16 + j (high nibble), so the kernel's two
+# bit operations on 4 bytes give two registers of 4 consecutive columns each, the
+# register layout of the tensor-core operand (kernels/w4a8.py).
+W4A8_CHUNK = 32
+_W4A8_ORDER = torch.arange(W4A8_CHUNK).view(2, W4A8_CHUNK // 2).t().reshape(-1)  # 0, 16, 1, ...
+
+
+def _w4a8_columns(in_features: int) -> Tensor:
+    """Column of the int4 layout's position ``i`` in W4A8's layout, for every ``i``."""
+    if in_features % W4A8_CHUNK:
+        raise ValueError(f"w4a8 needs in_features in multiples of {W4A8_CHUNK}, "
+                         f"got {in_features}")
+    chunks = torch.arange(0, in_features, W4A8_CHUNK)[:, None]  # (in / 32, 1)
+    return (chunks + _W4A8_ORDER).reshape(-1)  # (in,)
+
+
+def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``.
+
+    One symmetric scale per row (token), ``max |x[m]| -> 127``, rounded to
+    nearest even; on CUDA one Triton kernel, bit-identical to this torch code.
+    """
+    if x.is_cuda:
+        from ruvdllm.kernels.w4a8 import quantize_rows  # Triton: CUDA only
+
+        return quantize_rows(x.contiguous(), TINY)
+    scale = x.detach().float().abs().amax(dim=-1).clamp(min=TINY) / _INT8_MAX  # (M,)
+    return torch.round(x.float() / scale[:, None]).to(torch.int8), scale
+
+
+class W4A8Linear(QuantizedLinear):
+    """``y = x Wᵀ (+ b)`` with int4 weights (group scales) and int8 activations (row scales).
+
+    The weight values and scales are :func:`quantize_int4`'s, stored for the
+    integer tensor cores: columns in :data:`W4A8_CHUNK` order within each chunk,
+    and scales transposed, ``(in/group_size, out)`` bfloat16, so one group's
+    scales of a tile of output rows are contiguous. The input is quantized per
+    row at run time (:func:`quantize_activations_int8`). On CUDA with 16-bit
+    inputs the Triton kernel of :mod:`ruvdllm.kernels.w4a8` runs; elsewhere the
+    same product in float32. Inputs that need a gradient (LoRA training) are
+    multiplied with the dequantized weight in their own dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: Tensor, scales: Tensor,
+                 bias: nn.Parameter | None) -> None:
+        super().__init__(in_features, out_features, weight, scales, bias)
+        self.group_size = in_features // scales.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> W4A8Linear:
+        columns = _w4a8_columns(linear.in_features)
+        _groups(linear.in_features, group_size)
+        packed, scales = quantize_int4(linear.weight, group_size)
+        q = unpack_int4(packed)[:, columns.to(packed.device)]  # (out, in) in W4A8 order
+        return cls(linear.in_features, linear.out_features, pack_int4(q),
+                   scales.t().contiguous(), linear.bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, group_size: int) -> W4A8Linear:
+        """Correctly shaped buffers on ``linear``'s device, to be loaded into."""
+        out_f, in_f, dev = linear.out_features, linear.in_features, linear.weight.device
+        _w4a8_columns(in_f)
+        return cls(in_f, out_f, torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=dev),
+                   torch.empty(_groups(in_f, group_size), out_f, dtype=INT4_SCALE_DTYPE,
+                               device=dev), linear.bias)
+
+    @staticmethod
+    def concatenate(parts: list[QuantizedLinear]) -> tuple[Tensor, Tensor]:
+        return torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts], 1)
+
+    def rows_scales(self, lo: int, hi: int) -> Tensor:
+        return self.scales[:, lo:hi]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        q = torch.empty(self.out_features, self.in_features, dtype=dtype,
+                        device=self.weight.device)
+        q[:, _w4a8_columns(self.in_features).to(q.device)] = unpack_int4(self.weight, dtype)
+        groups = q.view(self.out_features, -1, self.group_size)  # (out, G, g)
+        return groups.mul_(self.scales.t().to(dtype)[..., None]).view_as(q)  # (out, in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad:
+            return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
+        q, scale = quantize_activations_int8(x.reshape(-1, self.in_features))
+        return self.forward_int8(q, scale, x.shape[:-1], x.dtype)
+
+    def forward_int8(self, q: Tensor, scale: Tensor, lead: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype) -> Tensor:
+        """The product of an input the kernel that wrote it has already quantized
+        (``q`` int8 ``(tokens, in)``, ``scale`` float32 ``(tokens,)``, as
+        :func:`quantize_activations_int8`); output ``(*lead, out)`` of ``dtype``."""
+        if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
+            from ruvdllm.kernels.w4a8 import w4a8_matmul  # Triton: CUDA only
+
+            y = w4a8_matmul(q, scale, self.weight, self.scales, dtype)
+        else:  # int8 and int4 values and their products are exact in float32
+            y = ((q.float() * scale[:, None]) @ self.dequantize().t()).to(dtype)
+        return self._add_bias(y.reshape(*lead, self.out_features))
+
+
 class Int4Embedding(nn.Module):
     """A token embedding stored as int4 rows (the layout of :class:`Int4Linear`'s weight).
 
@@ -475,12 +593,13 @@ def _factory(scheme: str, group_size: int | None,
         return Int8Linear.empty_like if empty else Int8Linear.from_linear
     if scheme == "fp8":
         return Fp8Linear.empty_like if empty else Fp8Linear.from_linear
-    if scheme != "int4":
+    if scheme not in ("int4", "w4a8"):
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
     if not isinstance(group_size, int) or group_size not in GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size!r}")
-    build = Int4Linear.empty_like if empty else Int4Linear.from_linear
-    return partial(build, group_size=group_size)
+        raise ValueError(f"{scheme} group size must be one of {GROUP_SIZES}, "
+                         f"got {group_size!r}")
+    kind = Int4Linear if scheme == "int4" else W4A8Linear
+    return partial(kind.empty_like if empty else kind.from_linear, group_size=group_size)
 
 
 def _swap(model: DiffusionLM, make: Callable[[nn.Linear], QuantizedLinear]) -> None:
@@ -495,8 +614,8 @@ def _swap(model: DiffusionLM, make: Callable[[nn.Linear], QuantizedLinear]) -> N
 
 
 def _check_embedding(model: DiffusionLM, scheme: object) -> None:
-    if scheme != "int4":
-        raise ValueError("only int4 quantizes the embedding")
+    if scheme not in ("int4", "w4a8"):
+        raise ValueError("only int4 and w4a8 quantize the embedding (as int4 rows)")
     if model.config.weight_tying:
         raise ValueError("a tied embedding is the LM head's weight; quantize it as a linear "
                          "or not at all")
@@ -520,7 +639,7 @@ def quantize_model(model: DiffusionLM, scheme: Scheme, group_size: int = DEFAULT
         if embedding:
             setattr(model.transformer, "wte",  # noqa: B010 (wte is typed nn.Embedding)
                     Int4Embedding.from_embedding(model.transformer.wte, group_size))
-    gs = group_size if scheme == "int4" else None
+    gs = group_size if scheme in ("int4", "w4a8") else None
     model.config.quantization = {"scheme": scheme, "group_size": gs,
                                  "modules": MODULES[int(embedding)]}
     return model
@@ -541,7 +660,7 @@ def prepare_quantized(model: DiffusionLM, quantization: dict[str, object]) -> No
         raise ValueError(f"quantization: malformed entry {quantization}")
     _swap(model, _factory(scheme, group_size, empty=True))
     if modules == "all-linear+embedding":
-        _check_embedding(model, scheme)  # int4, so _factory has checked group_size
+        _check_embedding(model, scheme)  # int4 or w4a8: _factory has checked group_size
         setattr(model.transformer, "wte",  # noqa: B010 (wte is typed nn.Embedding)
                 Int4Embedding.empty_like(model.transformer.wte, cast(int, group_size)))
 

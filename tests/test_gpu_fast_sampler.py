@@ -16,7 +16,9 @@ from ruvdllm.quant import (
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     fp8_matmul,
+    quantize_activations_int8,
     quantize_fp8_activations,
     quantize_model,
 )
@@ -160,12 +162,12 @@ def test_fused_projections_keep_outputs_and_names():
 
 
 @cuda
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "w4a8"])
 def test_quantized_fast_path_close_to_float(scheme):
     model = tiny_model("cuda").to(torch.bfloat16)
     cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, cache="dual")
     float_answer = FastSampler(model).generate(PROMPTS, cfg)
-    quantize_model(model, scheme)
+    quantize_model(model, scheme, 64 if scheme == "w4a8" else 32)
     quantized_answer = FastSampler(model).generate(PROMPTS, cfg)
     same = sum(a == b for x, y in zip(float_answer, quantized_answer, strict=True)
                for a, b in zip(x, y, strict=False))
@@ -245,3 +247,67 @@ def test_add_rms_norm_is_the_sum_then_the_norm():
     act, chunk_maxima = swiglu_halves_amax(torch.randn(5, 2 * 2500, device="cuda",
                                                        dtype=torch.bfloat16))
     assert chunk_maxima.shape == (5 * 3,) and chunk_maxima.max() == act.float().abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_row_kernel_matches_torch(dtype):
+    torch.manual_seed(0)
+    for shape in ((7, 96), (33, 4096), (3, 12288)):
+        x = (torch.randn(*shape, device="cuda") * 5).to(dtype)
+        x[0] = 0.0  # an all-zero row keeps a nonzero scale
+        x[1, 3] = 1e4  # an outlier sets its row's scale alone
+        q, scale = quantize_activations_int8(x)  # the Triton kernel
+        q_ref, scale_ref = quantize_activations_int8(x.cpu())
+        assert torch.equal(scale.cpu(), scale_ref) and torch.equal(q.cpu(), q_ref)
+
+
+@cuda
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("M,N,K", [(32, 256, 512), (5, 96, 256), (64, 320, 1024),
+                                   (300, 512, 384), (1100, 256, 256)])
+def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
+    from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_matmul
+
+    if K % group:
+        pytest.skip("K holds no whole group")
+    torch.manual_seed(M + N + group)
+    q = W4A8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"), group)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x[0, 0] = 30.0  # a row with an outlier
+    qx, sx = quantize_activations_int8(x)
+    ref = (qx.double() * sx.double()[:, None]) @ q.dequantize(torch.float64).t()
+    configs = [None, W4A8Config(16, 64, 4, 4, 4), W4A8Config(64, 64, 4, 3, 2, 2),
+               W4A8Config(32, 64, 4, 3, 1, 2), W4A8Config(128, 128, 8, 3, 1)]
+    for cfg in configs:  # the chosen configuration, then every tile shape and split
+        y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg  # bf16 rounding
+    y = q(x.view(1, M, K)).view(M, N)  # the linear runs the kernel
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@cuda
+def test_fused_int8_quantization_is_the_kernel_output_quantized():
+    """The norm and SwiGLU kernels' int8 outputs are their 16-bit outputs, quantized."""
+    from ruvdllm.kernels.elementwise import (
+        add_rms_norm,
+        add_rms_norm_int8,
+        swiglu_halves,
+        swiglu_halves_int8,
+    )
+    from ruvdllm.quant import TINY
+
+    torch.manual_seed(0)
+    x, r = (torch.randn(2, 33, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    for residual in (None, r):
+        total, y, _ = add_rms_norm(x, residual, w, 1e-5, amax=False)
+        total8, q, scale = add_rms_norm_int8(x, residual, w, 1e-5, TINY)
+        q_ref, scale_ref = quantize_activations_int8(y.reshape(-1, 4096))
+        assert torch.equal(total8, total) and torch.equal(scale, scale_ref)
+        assert torch.equal(q, q_ref)
+    gate_up = torch.randn(2, 33, 2 * 12288, device="cuda", dtype=torch.bfloat16)
+    q, scale = swiglu_halves_int8(gate_up, TINY)
+    q_ref, scale_ref = quantize_activations_int8(swiglu_halves(gate_up).reshape(-1, 12288))
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)

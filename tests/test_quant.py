@@ -23,9 +23,11 @@ from ruvdllm.quant import (
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
+    W4A8Linear,
     dequantize_int4,
     dequantize_int8,
     prepare_quantized,
+    quantize_activations_int8,
     quantize_checkpoint,
     quantize_fp8,
     quantize_fp8_activations,
@@ -175,7 +177,8 @@ def test_gradients_and_inference_mode() -> None:
     torch.manual_seed(0)
     for q in (Int8Linear.from_linear(nn.Linear(64, 32, bias=False)),
               Int4Linear.from_linear(nn.Linear(64, 32, bias=False), 32),
-              Fp8Linear.from_linear(nn.Linear(64, 32, bias=False))):
+              Fp8Linear.from_linear(nn.Linear(64, 32, bias=False)),
+              W4A8Linear.from_linear(nn.Linear(64, 32, bias=False), 32)):
         for dtype in (torch.float32, torch.bfloat16):  # bf16 + grad must avoid the kernels
             q = q.to(dtype)
             x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
@@ -195,7 +198,7 @@ def _weight_rel_error(model: DiffusionLM, quant: DiffusionLM) -> float:
 
 
 @pytest.mark.parametrize(("scheme", "group_size"), [("int8", 64), ("int4", 32), ("int4", 64),
-                                                   ("fp8", 64)])
+                                                   ("fp8", 64), ("w4a8", 32)])
 def test_quantized_forward_close_to_float(scheme: str, group_size: int) -> None:
     model = small_model()
     quant = quantize_model(small_model(), scheme, group_size)  # type: ignore[arg-type]
@@ -211,7 +214,7 @@ def test_quantized_forward_close_to_float(scheme: str, group_size: int) -> None:
     # scale, nibble order or kernel layout gives O(1).
     e = _weight_rel_error(model, quant)
     assert 0 < err <= (4 if scheme == "fp8" else 2) * e
-    assert e < {"int8": 0.01, "int4": 0.15, "fp8": 0.04}[scheme]
+    assert e < {"int8": 0.01, "int4": 0.15, "fp8": 0.04, "w4a8": 0.15}[scheme]
 
 
 def test_all_linears_quantized_with_llada_names() -> None:
@@ -231,7 +234,8 @@ def test_all_linears_quantized_with_llada_names() -> None:
                                          "modules": "all-linear"}
 
 
-@pytest.mark.parametrize(("scheme", "bias"), [("int8", False), ("int4", True), ("fp8", True)])
+@pytest.mark.parametrize(("scheme", "bias"), [("int8", False), ("int4", True), ("fp8", True),
+                                              ("w4a8", True)])
 def test_checkpoint_round_trip_identical_logits(tmp_path: Path, scheme: str, bias: bool) -> None:
     model = quantize_model(small_model(include_qkv_bias=bias), scheme)  # type: ignore[arg-type]
     save_checkpoint(model, tmp_path / "q")
@@ -303,7 +307,7 @@ def test_int4_embedding_round_trip_and_checkpoint(tmp_path: Path) -> None:
 
 
 def test_int4_embedding_refusals() -> None:
-    with pytest.raises(ValueError, match="only int4"):
+    with pytest.raises(ValueError, match="only int4 and w4a8"):
         quantize_model(small_model(), "int8", embedding=True)
     with pytest.raises(ValueError, match="tied"):
         quantize_model(small_model(weight_tying=True), "int4", embedding=True)
@@ -328,3 +332,63 @@ def test_fp8_fused_projection_shares_one_power_of_two_scale() -> None:
         assert ((p.dequantize() - b).abs() <= fused.scales * 2.0**-10).all()
     x = torch.randn(3, 64)
     torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_w4a8_holds_int4_values_in_its_chunk_order() -> None:
+    """Byte j of each 16-byte chunk: column j in the low nibble, 16 + j in the high one."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 24, bias=False)
+    a, b = W4A8Linear.from_linear(lin, 64), Int4Linear.from_linear(lin, 64)
+    assert torch.equal(a.dequantize(), b.dequantize())  # the same values and scales
+    assert a.scales.shape == (2, 24) and torch.equal(a.scales, b.scales.t())
+    q = unpack_int4(b.weight)  # (out, in) in column order
+    chunk = a.weight.view(24, 4, 16).view(torch.int8)  # (out, chunks, 16)
+    low, high = (chunk << 4) >> 4, chunk >> 4  # arithmetic shifts sign-extend
+    assert torch.equal(low, q.view(24, 4, 2, 16)[:, :, 0])
+    assert torch.equal(high, q.view(24, 4, 2, 16)[:, :, 1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices((1, 6), st.integers(1, 80)))
+def test_int8_activations_round_trip_within_half_a_step(x: torch.Tensor) -> None:
+    q, scale = quantize_activations_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (x.shape[0],)
+    peak = q.abs().amax(dim=1)
+    assert ((peak == 127) | (x.abs().amax(dim=1) == 0)).all()  # each row's max -> 127
+    assert ((q.float() * scale[:, None] - x).abs() <= scale[:, None] * (0.5 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_w4a8_linear_is_the_product_of_both_quantized_operands(bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    q = W4A8Linear.from_linear(copy.deepcopy(lin), 32)
+    x = torch.randn(2, 5, 64)
+    qx, sx = quantize_activations_int8(x.reshape(-1, 64))
+    ref = F.linear((qx.double() * sx.double()[:, None]).view(2, 5, 64),
+                   q.dequantize(torch.float64), None if lin.bias is None else lin.bias.double())
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+    exact = F.linear(x, lin.weight, lin.bias)
+    assert ((q(x) - exact).norm() / exact.norm()).item() < 0.15  # int4 weights dominate
+
+
+def test_w4a8_fused_projection_is_its_parts() -> None:
+    model = quantize_model(small_model(), "w4a8", 32)
+    block = model.transformer.blocks[0]
+    parts = [block.ff_proj, block.up_proj]
+    x = torch.randn(3, 64)
+    before = [p(x) for p in parts]
+    model.fuse_projections()
+    fused = block._fused["gate_up"].linear
+    assert isinstance(fused, W4A8Linear) and fused.scales.shape == (2, 256)
+    for p, b in zip(parts, before, strict=True):  # views of the fused buffers, same outputs
+        assert p.scales.data_ptr() >= fused.scales.data_ptr()
+        torch.testing.assert_close(p(x), b, rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), torch.cat(before, dim=-1), rtol=0, atol=0)
+
+
+def test_w4a8_refuses_widths_off_its_chunks() -> None:
+    model = small_model(d_model=80, n_heads=5, n_kv_heads=5, mlp_hidden_size=160)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quantize_model(model, "w4a8", 32)
+    assert model.config.quantization is None

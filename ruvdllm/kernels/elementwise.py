@@ -13,7 +13,8 @@ Neighbouring operations share a kernel where the fast path runs them back to
 back: a residual sum and the RMSNorm after it (:func:`add_rms_norm`), RoPE and
 the key/value slot writes of a cached step (:func:`rope_qkv_into`); RMSNorm and
 SwiGLU can also return their outputs' maxima, the input scale of a float8
-product (:mod:`ruvdllm.kernels.fp8`).
+product (:mod:`ruvdllm.kernels.fp8`), or their outputs quantized per row to int8
+for a W4A8 product (:mod:`ruvdllm.kernels.w4a8`), from registers.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)
@@ -23,11 +24,23 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _int8_row(y, q_ptr, s_ptr, row, cols, ok, TINY: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Store the 16-bit row ``y`` as int8 with its own scale, ``max |y| -> 127``, exactly
+    as :func:`ruvdllm.kernels.w4a8.quantize_rows` would from ``y`` in memory."""
+    y = y.to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), TINY), 127.0)
+    tl.store(q_ptr + cols, libdevice.rint(tl.div_rn(y, scale)).to(tl.int8), mask=ok)
+    tl.store(s_ptr + row, scale)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: ignore[no-untyped-def]
-                     eps, BLOCK: tl.constexpr, ADD: tl.constexpr, AMAX: tl.constexpr):
+                     eps, BLOCK: tl.constexpr, ADD: tl.constexpr, AMAX: tl.constexpr,
+                     INT8: tl.constexpr, TINY: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -41,9 +54,12 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: 
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     normed = (x * inv).to(w.dtype)  # the eager path rounds here, then scales
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)
-    tl.store(y_ptr + row * D + cols, y, mask=ok)
-    if AMAX:  # the row's largest magnitude, for a float8 product's input scale
-        tl.store(amax_ptr + row, tl.max(tl.abs(y.to(tl.float32)), axis=0))
+    if INT8:  # the output quantized per row for a W4A8 product: y_ptr is int8
+        _int8_row(y, y_ptr + row * D, amax_ptr, row, cols, ok, TINY)
+    else:
+        tl.store(y_ptr + row * D + cols, y, mask=ok)
+        if AMAX:  # the row's largest magnitude, for a float8 product's input scale
+            tl.store(amax_ptr + row, tl.max(tl.abs(y.to(tl.float32)), axis=0))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -70,8 +86,27 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     maxima = torch.empty(rows if amax else 1, dtype=torch.float32, device=x.device)
     _rms_norm_kernel[(rows,)](x2, r, total, weight, y, maxima, D, eps,
                               BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=amax)
+                              AMAX=amax, INT8=False, TINY=0.0)
     return total.view(x.shape), y.view(x.shape), maxima
+
+
+def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                      tiny: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, q, scale)``: :func:`add_rms_norm`'s sum, and its norm quantized per row
+    for a W4A8 product (int8 ``(rows, D)``, float32 ``(rows,)``; the scales of
+    :func:`ruvdllm.kernels.w4a8.quantize_rows` with ``tiny``), from registers: the
+    16-bit output is never written, and no quantization kernel runs."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
+    rows = x2.shape[0]
+    q = torch.empty(rows, D, dtype=torch.int8, device=x.device)
+    total = x2 if residual is None else torch.empty_like(x2)
+    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    _rms_norm_kernel[(rows,)](x2, r, total, weight, q, scale, D, eps,
+                              BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
+                              AMAX=False, INT8=True, TINY=tiny)
+    return total.view(x.shape), q, scale
 
 
 @triton.jit
@@ -202,6 +237,33 @@ def _swiglu_halves(gate_up: Tensor, amax: bool) -> tuple[Tensor, Tensor]:
     maxima = torch.empty(rows * chunks if amax else 1, dtype=torch.float32, device=gu.device)
     _swiglu_halves_kernel[(rows, chunks)](gu, y, maxima, F2 // 2, BLOCK=1024, AMAX=amax)
     return y.view(*gate_up.shape[:-1], F2 // 2), maxima
+
+
+@triton.jit
+def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
+                        BLOCK: tl.constexpr, TINY: tl.constexpr):
+    row = tl.program_id(0)  # a whole row per program: its scale needs its maximum
+    i = tl.arange(0, BLOCK)
+    ok = i < F
+    g = tl.load(gu_ptr + row * 2 * F + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * F + F + i, mask=ok, other=0.0)
+    act = (g * tl.sigmoid(g)).to(u.dtype)
+    y = (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+    _int8_row(y, q_ptr + row * F, s_ptr, row, i, ok, TINY)
+
+
+def swiglu_halves_int8(gate_up: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
+    """:func:`swiglu_halves` quantized per row for a W4A8 product: ``(q int8 (rows, F),
+    scale float32 (rows,))``, as :func:`add_rms_norm_int8` quantizes."""
+    F2 = gate_up.shape[-1]
+    gu = gate_up.reshape(-1, F2).contiguous()  # (rows, 2F)
+    rows, F = gu.shape[0], F2 // 2
+    q = torch.empty(rows, F, dtype=torch.int8, device=gu.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=gu.device)
+    block = triton.next_power_of_2(F)
+    _swiglu_int8_kernel[(rows,)](gu, q, scale, F, BLOCK=block, TINY=tiny,
+                                 num_warps=min(16, max(4, block // 1024)))
+    return q, scale
 
 
 def swiglu_halves(gate_up: Tensor) -> Tensor:

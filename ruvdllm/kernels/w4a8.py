@@ -1,0 +1,198 @@
+"""W4A8 products on the GPU (Triton): int4 weights times int8 activations on integer
+tensor cores.
+
+``y = x Wᵀ`` with ``W`` in :mod:`ruvdllm.quant`'s int4 layout (uint8 ``(N, K/2)``,
+column ``2j`` in the low nibble of byte ``j``, signed; one scale per row and group
+of ``GROUP`` columns) and ``x`` quantized per row to int8 just before the product
+(:func:`quantize_rows`). Why not the weight-only kernel of
+:mod:`ruvdllm.kernels.weight_only`: there each int4 weight becomes a 16-bit float
+times its scale before a bfloat16 ``tl.dot`` (about 2.25 instructions per weight),
+and the bfloat16 ``x`` tile, re-read by every column tile, is four times the int4
+tile's bytes at 64 rows; both kept it at 22-53 % of the memory bandwidth
+(docs/decisions.md, round 4). Here:
+
+* a byte's nibbles become int8 ``16 q`` with two bit operations per 4 bytes
+  (``byte << 4`` and ``byte & 0xF0``: the signed nibble lands in the high half,
+  exactly ``16 q``; the 16 is folded into the output scale), no float
+  conversion, and no shuffle into the operand's register layout;
+* each group's product is exact in int32 (``|16 q x| ≤ 128 · 127`` per term) and
+  is scaled once per output element and group, not once per weight;
+* the ``x`` tile is int8 (half of bfloat16's bytes) and the integer tensor cores
+  run at twice bfloat16's rate.
+
+The activation quantization is per row (one token), symmetric, ``max |x| -> 127``
+(the per-token scheme of LLM.int8 and SmoothQuant's baseline; W4A8 as in QServe,
+Lin et al. 2024, without its progressive group quantization). The weight layout
+is :class:`ruvdllm.quant.W4A8Linear`'s: columns reordered in chunks of 32 so
+that the decoded registers are the tensor-core operand's as they come, and group
+scales transposed, ``(K/GROUP, N)``, so a tile's scales of one group are one
+contiguous load.
+
+(No ``from __future__ import annotations`` here: Triton reads the kernels'
+``tl.constexpr`` annotations as objects.)
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+INT8_MAX = 127.0
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,  # type: ignore[no-untyped-def]
+                          TINY: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+    # IEEE division (Triton's `/` is approximate): the same scale and values as torch's
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), TINY), QMAX)
+    q = libdevice.rint(tl.div_rn(x, scale))  # |q| <= 127 by construction
+    tl.store(q_ptr + row * stride_qm + cols, q.to(tl.int8), mask=ok)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_rows(x: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
+    """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``.
+
+    ``scale = max(max |x[m]|, tiny) / 127``, values rounded to nearest (ties to even),
+    as :func:`ruvdllm.quant.quantize_activations_int8` computes in torch.
+    """
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), TINY=tiny,
+                                QMAX=INT8_MAX, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    return q, scale
+
+
+@triton.jit
+def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
+                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
+    rj = tl.arange(0, GROUP // 2)
+    rk = tl.arange(0, GROUP)
+    p = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + rj)[None, :],
+                mask=n_ok[:, None], other=0)  # (BN, G/2) packed bytes
+    # per 4 bytes, two bit operations each: low and high nibbles as int8 16 q
+    low, high = tl.inline_asm_elementwise(
+        "{.reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; "
+        "and.b32 $1, $2, 0xF0F0F0F0;}",
+        "=r,=r,r", [p], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    # byte j of a 16-byte chunk c holds columns 32 c + j (low) and 32 c + 16 + j (high):
+    # a relabelling of registers, no data moves (checked in the SASS)
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUP // 32, 16, 2))  # (BN, G/32, 16, 2)
+    w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G) in order
+    xt = tl.load(x_ptr + rm[None, :] * stride_xm + (g * GROUP + rk)[:, None],
+                 mask=m_ok[None, :], other=0)  # (G, BM) int8
+    return acc + tl.dot(w, xt, out_dtype=tl.int32).to(tl.float32) * s[:, None]
+
+
+@triton.jit
+def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+                 stride_xm, stride_wn, stride_sg, stride_ym, GROUP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
+    UNROLL (1 or 2) groups per iteration.
+
+    The scales of the next iteration's groups are loaded at the start of this one:
+    Triton's pipeline copies ahead only what feeds ``tl.dot``, and a scale loaded
+    where it is used stalled each iteration on a memory round trip.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ru = tl.arange(0, UNROLL)
+    n_ok = rn < N
+    m_ok = rm < M
+    per_split = K // GROUP // SPLIT_K  # the host makes SPLIT_K * UNROLL divide the groups
+    first = pid_k * per_split
+    last = first + per_split - UNROLL
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    s_next = tl.load(s_ptr + (first + ru)[:, None] * stride_sg + rn[None, :],
+                     mask=n_ok[None, :], other=0.0)  # (U, BN)
+    for g in range(first, last + UNROLL, UNROLL):
+        s = s_next.to(tl.float32)
+        s_next = tl.load(s_ptr + (tl.minimum(g + UNROLL, last) + ru)[:, None] * stride_sg
+                         + rn[None, :], mask=n_ok[None, :], other=0.0)
+        if UNROLL == 1:
+            acc = _w4a8_group(acc, x_ptr, w_ptr, tl.reshape(s, (BLOCK_N,)), rn, rm, n_ok,
+                              m_ok, g, stride_xm, stride_wn, GROUP, BLOCK_N)
+        else:
+            s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
+    acc = acc * xs[None, :]
+    y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y, acc, mask=ok, sem="relaxed")
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+class W4A8Config(NamedTuple):
+    """Tiles of the W4A8 kernel: rows (x), columns (weight); launch shape; groups per
+    iteration."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    split_k: int
+    unroll: int = 1
+
+
+def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
+    """The kernel's configuration for ``m`` rows of an ``(N, K)`` weight.
+
+    Up to 64 rows one tile of rows, 64 weight rows per program (the tensor
+    core's M), split-K where N alone leaves few programs for 132
+    multiprocessors; above, 64 x 64 tiles (the LM head: 128 x 128 over 8 warps).
+    From ``python3 -m bench.gpu_probe w4a8-tiles`` on the H200 (docs/decisions.md).
+    """
+    if m > 64:
+        return W4A8Config(128, 128, 8, 3, 1) if N >= 65536 else W4A8Config(64, 64, 4, 3, 1)
+    tiles = triton.cdiv(N, 64)
+    split = 8 if tiles <= 64 else 4 if tiles <= 192 else 1
+    return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split)
+
+
+def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
+                dtype: torch.dtype, cfg: W4A8Config | None = None) -> Tensor:
+    """``(q * x_scale) Wᵀ`` as ``(M, N)`` of ``dtype``.
+
+    ``q`` int8 ``(M, K)`` with row scales ``x_scale`` float32 ``(M,)``
+    (:func:`quantize_rows`); ``W`` in :class:`ruvdllm.quant.W4A8Linear`'s layout:
+    ``packed`` uint8 ``(N, K/2)``, ``scales`` ``(K/GROUP, N)`` with unit column stride.
+    """
+    M, K = q.shape
+    N = packed.shape[0]
+    group = K // scales.shape[0]
+    if (group * scales.shape[0] != K or group % 32 or packed.shape[1] * 2 != K
+            or scales.shape[1] != N or scales.stride(1) != 1):
+        raise ValueError(f"w4a8_matmul: weight {tuple(packed.shape)} and scales "
+                         f"{tuple(scales.shape)} do not fit K={K} in groups of 32 or more")
+    q = q.contiguous()
+    bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
+    while (K // group) % (split * unroll):
+        split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
+    y = (torch.zeros(M, N, dtype=torch.float32, device=q.device) if split > 1
+         else torch.empty(M, N, dtype=dtype, device=q.device))
+    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+    _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
+                       scales.stride(0), y.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn,
+                       SPLIT_K=split, UNROLL=unroll, num_warps=warps, num_stages=stages)
+    return y.to(dtype)
