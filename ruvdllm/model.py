@@ -272,13 +272,13 @@ class Block(nn.Module):
             swiglu_halves_amax,
             swiglu_halves_int8,
         )
-        from ruvdllm.quant import TINY, Fp8Linear, W4A8Linear  # quant imports this module
+        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
 
         if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
             return x, self.dropout(self.ff_out(act, amax=amax))
         if isinstance(self.ff_out, W4A8Linear):  # quantized by the SwiGLU kernel itself
-            q, scale = swiglu_halves_int8(gate_up, TINY)  # (B T, F)
+            q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)  # (B T, F)
             return x, self.dropout(self.ff_out.forward_int8(q, scale, (B, T), x.dtype))
         return x, self.dropout(self.ff_out(swiglu_halves(gate_up)))
 
@@ -290,13 +290,13 @@ class Block(nn.Module):
         hands a float8 linear its input's row maxima, or a W4A8 linear its input
         quantized per row.
         """
-        from ruvdllm.quant import TINY, Fp8Linear, W4A8Linear  # quant imports this module
+        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
 
         if _fused(x) and norm.weight.dtype == x.dtype:
             from ruvdllm.kernels.elementwise import add_rms_norm, add_rms_norm_int8
 
             if isinstance(linear, W4A8Linear):
-                x, q, scale = add_rms_norm_int8(x, residual, norm.weight, norm.eps, TINY)
+                x, q, scale = add_rms_norm_int8(x, residual, norm.weight, norm.eps, ACT_FLOOR)
                 return x, linear.forward_int8(q, scale, x.shape[:-1], x.dtype)
             fp8 = isinstance(linear, Fp8Linear)
             x, h, amax = add_rms_norm(x, residual, norm.weight, norm.eps, amax=fp8)

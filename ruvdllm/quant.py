@@ -90,7 +90,7 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by held-out perplexity: docs/decisions.md
 _INT8_MAX = 127
 _INT4_MAX = 7
-TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
+_TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row/group
 INT4_SCALE_DTYPE = torch.bfloat16
 MODULES = ("all-linear", "all-linear+embedding")
 
@@ -98,7 +98,7 @@ MODULES = ("all-linear", "all-linear+embedding")
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """``(q int8 (out, in), scales float32 (out,))`` with ``w ≈ q * scales[:, None]``."""
     w = w.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=TINY) / _INT8_MAX  # (out,)
+    scales = w.abs().amax(dim=1).clamp(min=_TINY) / _INT8_MAX  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return q, scales
 
@@ -120,7 +120,7 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """
     out_f, in_f = w.shape
     wg = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
-    absmax = wg.abs().amax(dim=-1).clamp(min=TINY)  # (out, G)
+    absmax = wg.abs().amax(dim=-1).clamp(min=_TINY)  # (out, G)
     best_err = torch.full_like(absmax, torch.inf)
     scales = absmax / _INT4_MAX
     tiny = torch.finfo(INT4_SCALE_DTYPE).tiny  # an all-zero group's scale stays nonzero
@@ -355,7 +355,7 @@ def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
     power of two (:meth:`Fp8Linear.concatenate`) is exact.
     """
     w = w.detach().float()
-    amax = w.abs().amax().clamp(min=TINY)
+    amax = w.abs().amax().clamp(min=_TINY)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).reshape(1)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
@@ -368,9 +368,9 @@ def quantize_fp8_activations(x: Tensor, amax: Tensor | None = None) -> tuple[Ten
     if x.is_cuda:
         from ruvdllm.kernels.fp8 import quantize_tensor  # Triton: CUDA only
 
-        return quantize_tensor(x.contiguous(), TINY, amax)
+        return quantize_tensor(x.contiguous(), _TINY, amax)
     peak = x.detach().abs().amax() if amax is None else amax.amax()
-    scale = peak.float().clamp(min=TINY) / FP8_MAX
+    scale = peak.float().clamp(min=_TINY) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -458,18 +458,25 @@ def _w4a8_columns(in_features: int) -> Tensor:
     return (chunks + _W4A8_ORDER).reshape(-1)  # (in,)
 
 
+# The smallest row maximum an int8 activation scale is taken from: 127 / ACT_FLOOR is
+# finite, so an all-zero row quantizes to zeros (float32's _TINY would give 0 * inf).
+ACT_FLOOR = 1e-30
+
+
 def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``.
 
-    One symmetric scale per row (token), ``max |x[m]| -> 127``, rounded to
-    nearest even; on CUDA one Triton kernel, bit-identical to this torch code.
+    One symmetric scale per row (token): ``peak = max |x[m]|``, ``scale = peak /
+    127``, ``q = round(x * (127 / peak))`` (ties to even; one reciprocal per row).
+    On CUDA one Triton kernel, bit-identical to this torch code.
     """
     if x.is_cuda:
         from ruvdllm.kernels.w4a8 import quantize_rows  # Triton: CUDA only
 
-        return quantize_rows(x.contiguous(), TINY)
-    scale = x.detach().float().abs().amax(dim=-1).clamp(min=TINY) / _INT8_MAX  # (M,)
-    return torch.round(x.float() / scale[:, None]).to(torch.int8), scale
+        return quantize_rows(x.contiguous(), ACT_FLOOR)
+    peak = x.detach().float().abs().amax(dim=-1).clamp(min=ACT_FLOOR)  # (M,)
+    q = torch.round(x.float() * (_INT8_MAX / peak)[:, None]).to(torch.int8)
+    return q, peak / _INT8_MAX
 
 
 class W4A8Linear(QuantizedLinear):

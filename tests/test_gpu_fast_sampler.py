@@ -296,18 +296,18 @@ def test_fused_int8_quantization_is_the_kernel_output_quantized():
         swiglu_halves,
         swiglu_halves_int8,
     )
-    from ruvdllm.quant import TINY
+    from ruvdllm.quant import ACT_FLOOR
 
     torch.manual_seed(0)
     x, r = (torch.randn(2, 33, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
     for residual in (None, r):
         total, y, _ = add_rms_norm(x, residual, w, 1e-5, amax=False)
-        total8, q, scale = add_rms_norm_int8(x, residual, w, 1e-5, TINY)
+        total8, q, scale = add_rms_norm_int8(x, residual, w, 1e-5, ACT_FLOOR)
         q_ref, scale_ref = quantize_activations_int8(y.reshape(-1, 4096))
         assert torch.equal(total8, total) and torch.equal(scale, scale_ref)
         assert torch.equal(q, q_ref)
     gate_up = torch.randn(2, 33, 2 * 12288, device="cuda", dtype=torch.bfloat16)
-    q, scale = swiglu_halves_int8(gate_up, TINY)
+    q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)
     q_ref, scale_ref = quantize_activations_int8(swiglu_halves(gate_up).reshape(-1, 12288))
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)

@@ -24,23 +24,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
-
-@triton.jit
-def _int8_row(y, q_ptr, s_ptr, row, cols, ok, TINY: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Store the 16-bit row ``y`` as int8 with its own scale, ``max |y| -> 127``, exactly
-    as :func:`ruvdllm.kernels.w4a8.quantize_rows` would from ``y`` in memory."""
-    y = y.to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), TINY), 127.0)
-    tl.store(q_ptr + cols, libdevice.rint(tl.div_rn(y, scale)).to(tl.int8), mask=ok)
-    tl.store(s_ptr + row, scale)
+from ruvdllm.kernels.w4a8 import int8_row
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: ignore[no-untyped-def]
                      eps, BLOCK: tl.constexpr, ADD: tl.constexpr, AMAX: tl.constexpr,
-                     INT8: tl.constexpr, TINY: tl.constexpr):
+                     INT8: tl.constexpr, FLOOR: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -55,7 +46,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: 
     normed = (x * inv).to(w.dtype)  # the eager path rounds here, then scales
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)
     if INT8:  # the output quantized per row for a W4A8 product: y_ptr is int8
-        _int8_row(y, y_ptr + row * D, amax_ptr, row, cols, ok, TINY)
+        int8_row(y, y_ptr + row * D, amax_ptr + row, cols, ok, FLOOR)
     else:
         tl.store(y_ptr + row * D + cols, y, mask=ok)
         if AMAX:  # the row's largest magnitude, for a float8 product's input scale
@@ -86,15 +77,15 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     maxima = torch.empty(rows if amax else 1, dtype=torch.float32, device=x.device)
     _rms_norm_kernel[(rows,)](x2, r, total, weight, y, maxima, D, eps,
                               BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=amax, INT8=False, TINY=0.0)
+                              AMAX=amax, INT8=False, FLOOR=0.0)
     return total.view(x.shape), y.view(x.shape), maxima
 
 
 def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-                      tiny: float) -> tuple[Tensor, Tensor, Tensor]:
+                      floor: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, q, scale)``: :func:`add_rms_norm`'s sum, and its norm quantized per row
     for a W4A8 product (int8 ``(rows, D)``, float32 ``(rows,)``; the scales of
-    :func:`ruvdllm.kernels.w4a8.quantize_rows` with ``tiny``), from registers: the
+    :func:`ruvdllm.kernels.w4a8.quantize_rows` with ``floor``), from registers: the
     16-bit output is never written, and no quantization kernel runs."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()  # (rows, D)
@@ -105,7 +96,7 @@ def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: f
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     _rms_norm_kernel[(rows,)](x2, r, total, weight, q, scale, D, eps,
                               BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=False, INT8=True, TINY=tiny)
+                              AMAX=False, INT8=True, FLOOR=floor)
     return total.view(x.shape), q, scale
 
 
@@ -241,7 +232,7 @@ def _swiglu_halves(gate_up: Tensor, amax: bool) -> tuple[Tensor, Tensor]:
 
 @triton.jit
 def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
-                        BLOCK: tl.constexpr, TINY: tl.constexpr):
+                        BLOCK: tl.constexpr, FLOOR: tl.constexpr):
     row = tl.program_id(0)  # a whole row per program: its scale needs its maximum
     i = tl.arange(0, BLOCK)
     ok = i < F
@@ -249,10 +240,10 @@ def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
     u = tl.load(gu_ptr + row * 2 * F + F + i, mask=ok, other=0.0)
     act = (g * tl.sigmoid(g)).to(u.dtype)
     y = (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
-    _int8_row(y, q_ptr + row * F, s_ptr, row, i, ok, TINY)
+    int8_row(y, q_ptr + row * F, s_ptr + row, i, ok, FLOOR)
 
 
-def swiglu_halves_int8(gate_up: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
+def swiglu_halves_int8(gate_up: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """:func:`swiglu_halves` quantized per row for a W4A8 product: ``(q int8 (rows, F),
     scale float32 (rows,))``, as :func:`add_rms_norm_int8` quantizes."""
     F2 = gate_up.shape[-1]
@@ -261,7 +252,7 @@ def swiglu_halves_int8(gate_up: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
     q = torch.empty(rows, F, dtype=torch.int8, device=gu.device)
     scale = torch.empty(rows, dtype=torch.float32, device=gu.device)
     block = triton.next_power_of_2(F)
-    _swiglu_int8_kernel[(rows,)](gu, q, scale, F, BLOCK=block, TINY=tiny,
+    _swiglu_int8_kernel[(rows,)](gu, q, scale, F, BLOCK=block, FLOOR=floor,
                                  num_warps=min(16, max(4, block // 1024)))
     return q, scale
 

@@ -40,35 +40,42 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-INT8_MAX = 127.0
+
+@triton.jit
+def int8_row(x, q_ptr, s_ptr, cols, ok, FLOOR: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Store the row ``x`` (registers) as int8 at ``q_ptr + cols`` and its scale at ``s_ptr``.
+
+    ``peak = max(max |x|, FLOOR)``, ``scale = peak / 127``, ``q = rint(x * (127 / peak))``
+    (ties to even; IEEE divisions, since Triton's ``/`` is approximate): bit for bit
+    :func:`ruvdllm.quant.quantize_activations_int8`. One reciprocal per row, not a
+    division per element. Also called by the RMSNorm and SwiGLU kernels, which
+    quantize their outputs for a W4A8 product from registers.
+    """
+    peak = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=0), FLOOR)
+    q = libdevice.rint(x.to(tl.float32) * tl.div_rn(127.0, peak))  # |q| <= 127
+    tl.store(q_ptr + cols, q.to(tl.int8), mask=ok)
+    tl.store(s_ptr, tl.div_rn(peak, 127.0))
 
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,  # type: ignore[no-untyped-def]
-                          TINY: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+                          FLOOR: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
-    # IEEE division (Triton's `/` is approximate): the same scale and values as torch's
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), TINY), QMAX)
-    q = libdevice.rint(tl.div_rn(x, scale))  # |q| <= 127 by construction
-    tl.store(q_ptr + row * stride_qm + cols, q.to(tl.int8), mask=ok)
-    tl.store(s_ptr + row, scale)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0)
+    int8_row(x, q_ptr + row * stride_qm, s_ptr + row, cols, ok, FLOOR)
 
 
-def quantize_rows(x: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
-    """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``.
-
-    ``scale = max(max |x[m]|, tiny) / 127``, values rounded to nearest (ties to even),
-    as :func:`ruvdllm.quant.quantize_activations_int8` computes in torch.
-    """
+def quantize_rows(x: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``, as
+    :func:`ruvdllm.quant.quantize_activations_int8` computes in torch (:func:`int8_row`)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(K)
-    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), TINY=tiny,
-                                QMAX=INT8_MAX, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FLOOR=floor,
+                                BLOCK=block, num_warps=4 if block <= 4096 else 8)
     return q, scale
 
 
@@ -158,16 +165,20 @@ class W4A8Config(NamedTuple):
 def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
     """The kernel's configuration for ``m`` rows of an ``(N, K)`` weight.
 
-    Up to 64 rows one tile of rows, 64 weight rows per program (the tensor
-    core's M), split-K where N alone leaves few programs for 132
-    multiprocessors; above, 64 x 64 tiles (the LM head: 128 x 128 over 8 warps).
-    From ``python3 -m bench.gpu_probe w4a8-tiles`` on the H200 (docs/decisions.md).
+    From ``python3 -m bench.gpu_probe w4a8-tiles`` on the H200 (every 8B product
+    at 32, 64, 384, 512 and 3 072 rows; docs/decisions.md, session 6): two groups
+    per iteration and 3 stages throughout; up to 64 rows one tile of rows and 64
+    weight rows per program (the tensor core's M), split-K only where N alone
+    gives 64 column tiles (4, or 8 for K >= 8 192 at <= 32 rows); up to 384 rows
+    64 x 64 tiles; above, 128 x 64 (the LM head 128 x 128 over 8 warps).
     """
-    if m > 64:
-        return W4A8Config(128, 128, 8, 3, 1) if N >= 65536 else W4A8Config(64, 64, 4, 3, 1)
-    tiles = triton.cdiv(N, 64)
-    split = 8 if tiles <= 64 else 4 if tiles <= 192 else 1
-    return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split)
+    if m <= 64:
+        split = 1 if N > 64 * 64 else 8 if K >= 8192 and m <= 32 else 4
+        return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split, 2)
+    if m <= 384 and N < 65536:
+        return W4A8Config(64, 64, 4, 3, 1, 2)
+    return W4A8Config(128, 128, 8, 3, 1, 2) if N >= 65536 and m > 384 else \
+        W4A8Config(128, 64, 4, 3, 1, 2)
 
 
 def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
