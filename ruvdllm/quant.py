@@ -475,7 +475,10 @@ def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 
         return quantize_rows(x.contiguous(), ACT_FLOOR)
     peak = x.detach().float().abs().amax(dim=-1).clamp(min=ACT_FLOOR)  # (M,)
-    q = torch.round(x.float() * (_INT8_MAX / peak)[:, None]).to(torch.int8)
+    # tensor / tensor: IEEE division, as the kernel's (``127 / peak`` would be torch's
+    # reciprocal-then-multiply, which differs in the last bit for a quarter of values)
+    inv = torch.full_like(peak, _INT8_MAX) / peak  # (M,)
+    q = torch.round(x.float() * inv[:, None]).to(torch.int8)
     return q, peak / _INT8_MAX
 
 
