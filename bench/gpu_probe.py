@@ -5,7 +5,7 @@ cuBLAS against ``torch._scaled_mm`` with one scale per tensor (cuBLAS) and with 
 scales (CUTLASS), fast accumulation or not, timed with :func:`bench.gpu.graph_us`;
 the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 
-``python3 -m bench.gpu_probe w4a8-tiles [group]``: every W4A8 tile configuration
+``python3 -m bench.gpu_probe w4a8-tiles [group [rows,...]]``: every W4A8 tile configuration
 on every product of the 8B shape (int4 groups of ``group``, default 128), timed
 the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
@@ -74,7 +74,7 @@ def scaled_mm_rows() -> None:
             print(f"N={N} K={K} M={M}", json.dumps(times), flush=True)
 
 
-def w4a8_tile_rows(group: int) -> None:
+def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072)) -> None:
     """Print µs per W4A8 product (quantized input given) for each tile configuration,
     at the rows of a step; the choice in :func:`ruvdllm.kernels.w4a8.w4a8_config`
     comes from this table."""
@@ -91,7 +91,7 @@ def w4a8_tile_rows(group: int) -> None:
         q = W4A8Linear.from_linear(lin, group)
         copies = weight_copies((q.weight, q.scales))
         bf16s = weight_copies((lin.weight,))
-        for M in (32, 64, 384, 512, 3072):
+        for M in rows:
             if N > 100_000 and M > 512:  # the LM head only sees a step's block rows
                 continue
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -166,14 +166,18 @@ def profile(quant: str) -> None:
 
 
 if __name__ == "__main__":
-    usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group] | "
+    usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
              "profile [bf16|w4|fp8|w4a8 ...]")
     if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "profile"):
         sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
     elif sys.argv[1] == "w4a8-tiles":
-        w4a8_tile_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 128)
+        group = int(sys.argv[2]) if len(sys.argv) > 2 else 128
+        if len(sys.argv) > 3:  # rows, comma-separated
+            w4a8_tile_rows(group, tuple(int(m) for m in sys.argv[3].split(",")))
+        else:
+            w4a8_tile_rows(group)
     else:
         for q in sys.argv[2:] or ["bf16"]:
             if q not in ("bf16", "w4", "fp8", "w4a8"):

@@ -297,9 +297,10 @@ def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
     configs = [None, W4A8Config(16, 64, 4, 4, 4), W4A8Config(64, 64, 4, 3, 2, 2),
                W4A8Config(32, 64, 4, 3, 1, 2), W4A8Config(128, 128, 8, 3, 1)]
     for cfg in configs:  # the chosen configuration, then every tile shape and split
-        y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
-        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg  # bf16 rounding
+        for _ in range(2):  # a split's arrival counts are back to zero for the next call
+            y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
+            assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg  # bf16
     y = q(x.view(1, M, K)).view(M, N)  # the linear runs the kernel
     assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
 
