@@ -111,9 +111,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # type: i
 
     The scales of the next iteration's groups are loaded at the start of this one:
     Triton's pipeline copies ahead only what feeds ``tl.dot``, and a scale loaded
-    where it is used stalled each iteration on a memory round trip. With two
-    groups, both products are issued before either is scaled, so the tensor
-    cores work on the second while the first is scaled.
+    where it is used stalled each iteration on a memory round trip.
 
     Split K: each slice writes its partial tile to the workspace ``ws`` ``(SPLIT_K,
     M, N)`` and counts itself in ``cnt`` (one int32 per output tile, zero between
@@ -144,12 +142,13 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # type: i
                           BLOCK_N)
             acc += d.to(tl.float32) * tl.reshape(s, (BLOCK_N,))[:, None]
         else:
-            d0 = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g, stride_xm, stride_wn, GROUP,
-                           BLOCK_N)
-            d1 = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g + 1, stride_xm, stride_wn,
-                           GROUP, BLOCK_N)
             s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
-            acc += d0.to(tl.float32) * s0[:, None] + d1.to(tl.float32) * s1[:, None]
+            d = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g, stride_xm, stride_wn, GROUP,
+                          BLOCK_N)
+            acc += d.to(tl.float32) * s0[:, None]
+            d = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g + 1, stride_xm, stride_wn,
+                          GROUP, BLOCK_N)
+            acc += d.to(tl.float32) * s1[:, None]
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     acc = acc * xs[None, :]
     ok = n_ok[:, None] & m_ok[None, :]
