@@ -80,9 +80,9 @@ def quantize_rows(x: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
-def _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
-              stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Group ``g``'s product ``(BN, BM)`` in int32, exact: the weight tile times ``xᵀ``."""
+def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
+                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
     rj = tl.arange(0, GROUP // 2)
     rk = tl.arange(0, GROUP)
     p = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + rj)[None, :],
@@ -98,12 +98,12 @@ def _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-de
     w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G) in order
     xt = tl.load(x_ptr + rm[None, :] * stride_xm + (g * GROUP + rk)[:, None],
                  mask=m_ok[None, :], other=0)  # (G, BM) int8
-    return tl.dot(w, xt, out_dtype=tl.int32)
+    return acc + tl.dot(w, xt, out_dtype=tl.int32).to(tl.float32) * s[:, None]
 
 
 @triton.jit
-def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # type: ignore[no-untyped-def]
-                 M, N, K, stride_xm, stride_wn, stride_sg, stride_ym, GROUP: tl.constexpr,
+def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+                 stride_xm, stride_wn, stride_sg, stride_ym, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                  UNROLL: tl.constexpr):
     """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
@@ -112,12 +112,6 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # type: i
     The scales of the next iteration's groups are loaded at the start of this one:
     Triton's pipeline copies ahead only what feeds ``tl.dot``, and a scale loaded
     where it is used stalled each iteration on a memory round trip.
-
-    Split K: each slice writes its partial tile to the workspace ``ws`` ``(SPLIT_K,
-    M, N)`` and counts itself in ``cnt`` (one int32 per output tile, zero between
-    calls); the last slice to arrive adds the others' partials to its own, writes
-    ``y`` and resets the count (the serial split-K reduction of CUTLASS). No
-    zeroed float32 output, no conversion kernel after.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -138,37 +132,22 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,  # type: i
         s_next = tl.load(s_ptr + (tl.minimum(g + UNROLL, last) + ru)[:, None] * stride_sg
                          + rn[None, :], mask=n_ok[None, :], other=0.0)
         if UNROLL == 1:
-            d = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g, stride_xm, stride_wn, GROUP,
-                          BLOCK_N)
-            acc += d.to(tl.float32) * tl.reshape(s, (BLOCK_N,))[:, None]
+            acc = _w4a8_group(acc, x_ptr, w_ptr, tl.reshape(s, (BLOCK_N,)), rn, rm, n_ok,
+                              m_ok, g, stride_xm, stride_wn, GROUP, BLOCK_N)
         else:
             s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
-            d = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g, stride_xm, stride_wn, GROUP,
-                          BLOCK_N)
-            acc += d.to(tl.float32) * s0[:, None]
-            d = _w4a8_dot(x_ptr, w_ptr, rn, rm, n_ok, m_ok, g + 1, stride_xm, stride_wn,
-                          GROUP, BLOCK_N)
-            acc += d.to(tl.float32) * s1[:, None]
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     acc = acc * xs[None, :]
+    y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K > 1:
-        tile = rm[None, :] * N + rn[:, None]  # (BN, BM) offsets in one (M, N) slice
-        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the count
-        count = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 1,
-                              sem="acq_rel", scope="gpu")
-        if count == SPLIT_K - 1:  # the last slice: the others' partials are visible
-            for k in tl.static_range(SPLIT_K):
-                if k != pid_k:
-                    acc += tl.load(ws_ptr + k * M * N + tile, mask=ok, other=0.0,
-                                   cache_modifier=".cg")
-            tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None],
-                     acc.to(y_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(cnt_ptr + pid_m * tl.num_programs(0) + pid_n, 0, sem="relaxed")
+        tl.atomic_add(y, acc, mask=ok, sem="relaxed")
     else:
-        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None],
-                 acc.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 class W4A8Config(NamedTuple):
@@ -202,23 +181,6 @@ def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
         W4A8Config(128, 64, 4, 3, 1, 2)
 
 
-_COUNTS: dict[torch.device, Tensor] = {}
-
-
-def _tile_counts(device: torch.device, tiles: int) -> Tensor:
-    """The split-K arrival counts, one int32 per output tile, zero between products.
-
-    One buffer per device, made on first use (the fast path's warm-up runs every
-    product before its CUDA graphs are captured) and grown if a call has more
-    tiles; products run one after another on a stream, and each leaves it zeroed.
-    """
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < tiles:
-        counts = _COUNTS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32,
-                                               device=device)
-    return counts
-
-
 def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
                 dtype: torch.dtype, cfg: W4A8Config | None = None) -> Tensor:
     """``(q * x_scale) Wᵀ`` as ``(M, N)`` of ``dtype``.
@@ -238,13 +200,10 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
-    y = torch.empty(M, N, dtype=dtype, device=q.device)
+    y = (torch.zeros(M, N, dtype=torch.float32, device=q.device) if split > 1
+         else torch.empty(M, N, dtype=dtype, device=q.device))
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
-    counts = _tile_counts(q.device, grid[0] * grid[2])
-    workspace = (torch.empty(split, M, N, dtype=torch.float32, device=q.device)
-                 if split > 1 else y)  # (SPLIT_K, M, N) partials; unread without a split
-    _w4a8_kernel[grid](q, x_scale, packed, scales, y, workspace, counts, M, N, K, q.stride(0),
-                       packed.stride(0), scales.stride(0), y.stride(0), GROUP=group,
-                       BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll, num_warps=warps,
-                       num_stages=stages)
-    return y
+    _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
+                       scales.stride(0), y.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn,
+                       SPLIT_K=split, UNROLL=unroll, num_warps=warps, num_stages=stages)
+    return y.to(dtype)
