@@ -83,9 +83,9 @@ def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> 
 
 
 def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
-    """Perplexity per domain for float/int8/int4/fp8 and the worst quantized ratio."""
+    """Perplexity per domain for float/int8/int4/fp8/w4a8 and the worst quantized ratio."""
     domains: list[str] = params["domains"]
-    schemes = ("none", "int8", "int4", "fp8")
+    schemes = ("none", "int8", "int4", "fp8", "w4a8")
     ppl: dict[tuple[str, str], float] = {}
     for quant in tqdm(schemes, desc="quality", leave=False):
         rt = load(params["model"], device=ctx.device, quant=quant,

@@ -8,7 +8,8 @@ because a typo silently ignored would leave a node running with a setting its op
 did not choose.
 
     [node]         id, home (keys, error feedback, TALoRA store), data_dir (local text)
-    [model]        path ("default" = the embedded model), quant ("int8" | "int4" | "fp8" | "none")
+    [model]        path ("default" = the embedded model),
+                   quant ("int8" | "int4" | "fp8" | "w4a8" | "none")
     [http]         host, port, request limits
     [grpc]         host, port of the local NodeAgent service
     [coordinator]  address of its gRPC service, its public key, TLS root certificate

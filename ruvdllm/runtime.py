@@ -97,7 +97,7 @@ def load(
 ) -> Runtime:
     """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
 
-    ``quant`` (``int8``, ``int4`` or ``fp8``) quantizes the weights after loading.
+    ``quant`` (``int8``, ``int4``, ``fp8`` or ``w4a8``) quantizes the weights after loading.
     """
     path = resolve(path_or_name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -285,11 +285,12 @@ def test_refusals_of_checkpoint_and_config_input(tmp_path: Path) -> None:
         quantize_model(quantize_model(small_model(), "int8"), "int4")
 
 
-def test_int4_embedding_round_trip_and_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["int4", "w4a8"])
+def test_int4_embedding_round_trip_and_checkpoint(tmp_path: Path, scheme: str) -> None:
     model = small_model()
     ids = torch.tensor([[1, 5, 9, 200]])
     float_rows = model.transformer.wte(ids).detach()
-    quantize_model(model, "int4", 32, embedding=True)
+    quantize_model(model, scheme, 32, embedding=True)  # type: ignore[arg-type]
     assert model.config.quantization["modules"] == "all-linear+embedding"
     wte = model.transformer.wte
     assert wte.weight.dtype == torch.uint8 and wte.scales.dtype == torch.bfloat16
