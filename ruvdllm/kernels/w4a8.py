@@ -1,10 +1,10 @@
 """W4A8 products on the GPU (Triton): int4 weights times int8 activations on integer
 tensor cores.
 
-``y = x Wᵀ`` with ``W`` in :mod:`ruvdllm.quant`'s int4 layout (uint8 ``(N, K/2)``,
-column ``2j`` in the low nibble of byte ``j``, signed; one scale per row and group
-of ``GROUP`` columns) and ``x`` quantized per row to int8 just before the product
-(:func:`quantize_rows`). Why not the weight-only kernel of
+``y = x Wᵀ`` with ``W`` int4 (two signed nibbles per byte, uint8 ``(N, K/2)``; one
+scale per row and group of ``GROUP`` columns) and ``x`` quantized per row to int8
+just before the product (:func:`quantize_rows`, or the kernel that wrote ``x``).
+Why not the weight-only kernel of
 :mod:`ruvdllm.kernels.weight_only`: there each int4 weight becomes a 16-bit float
 times its scale before a bfloat16 ``tl.dot`` (about 2.25 instructions per weight),
 and the bfloat16 ``x`` tile, re-read by every column tile, is four times the int4
