@@ -1,7 +1,9 @@
 """Checkpoint directories in the Hugging Face layout LLaDA and Dream publish.
 
 A checkpoint is a folder with ``config.json``, ``tokenizer.json`` and either
-``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. The
+embedded models share one tokenizer, ``ruvdllm/assets/tokenizer.json``
+(:func:`tokenizer_file`), instead of a copy each.
 Tensor names are LLaDA's (``model.transformer.blocks.{i}.q_proj.weight`` ...);
 Dream's Qwen2 names (``model.layers.{i}.self_attn.q_proj.weight`` ...) are
 renamed on load. Every mismatch between config and tensors is reported by name
@@ -57,6 +59,15 @@ def resolve(path_or_name: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model folder")
     return path
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The ``tokenizer.json`` of checkpoint folder ``path``: its own, or for an embedded
+    model without one the shared ``assets/tokenizer.json`` (one copy, not one per model:
+    the package, and the working tree sent to a GPU machine, stay 450 KB smaller)."""
+    own = path / "tokenizer.json"
+    embedded = {p.resolve() for p in NAMED.values()}
+    return own if own.exists() or path.resolve() not in embedded else ASSETS / "tokenizer.json"
 
 
 def _rename(name: str) -> str:

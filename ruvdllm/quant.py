@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ruvdllm.checkpoint import load_model, resolve, save_checkpoint
+from ruvdllm.checkpoint import load_model, resolve, save_checkpoint, tokenizer_file
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 
@@ -681,7 +681,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: Scheme,
     _factory(scheme, group_size, empty=False)  # refuse bad arguments before loading
     model = load_model(src)
     quantize_model(model, scheme, group_size)
-    tokenizer = resolve(src) / "tokenizer.json"
+    tokenizer = tokenizer_file(resolve(src))
     return save_checkpoint(model, dst, tokenizer_file=tokenizer if tokenizer.exists() else None)
 
 

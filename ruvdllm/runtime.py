@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import torch
 
-from ruvdllm.checkpoint import load_model, resolve
+from ruvdllm.checkpoint import load_model, resolve, tokenizer_file
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import DEFAULT_GROUP_SIZE
 from ruvdllm.sampler import AnswerTracker, Sampler, SamplerConfig, SamplerError, SamplerHook
@@ -103,7 +103,7 @@ def load(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(path, dtype=dtype or torch.float32, device=dev)
     cfg = model.config
-    tokenizer = Tokenizer(path / "tokenizer.json", mask_token=cfg.mask_token_id,
+    tokenizer = Tokenizer(tokenizer_file(path), mask_token=cfg.mask_token_id,
                           eos_token=cfg.eos_token_id, pad_token=cfg.pad_token_id,
                           bos_token=cfg.bos_token_id)
     if quant not in (None, "none"):

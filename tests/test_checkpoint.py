@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ruvdllm.checkpoint import CheckpointError, load_model, save_checkpoint
+from ruvdllm.checkpoint import (
+    ASSETS,
+    NAMED,
+    CheckpointError,
+    load_model,
+    save_checkpoint,
+    tokenizer_file,
+)
 from ruvdllm.config import ModelConfig
 from tests.llada_reference import (
     DREAM_CONFIG,
@@ -109,3 +116,16 @@ def test_save_replaces_atomically(tmp_path):
     save_checkpoint(model, tmp_path / "b")
     save_checkpoint(model, tmp_path / "b")  # overwrite leaves one folder, no temp leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_embedded_models_share_one_tokenizer(tmp_path):
+    from ruvdllm.quant import quantize_checkpoint
+
+    for folder in NAMED.values():  # no copy of their own: the shared file
+        assert tokenizer_file(folder) == ASSETS / "tokenizer.json"
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "tokenizer.json").write_text("{}")
+    assert tokenizer_file(tmp_path / "own") == tmp_path / "own" / "tokenizer.json"
+    assert tokenizer_file(tmp_path) == tmp_path / "tokenizer.json"  # missing: refused on load
+    dst = quantize_checkpoint("default", tmp_path / "q", "int8")
+    assert (dst / "tokenizer.json").read_bytes() == (ASSETS / "tokenizer.json").read_bytes()
