@@ -58,6 +58,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return add_rms_norm(x, None, weight, eps, amax=False)[1]
 
 
+def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, amax: bool,
+                 int8: bool, floor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s (x's shape), y (rows, D), side (rows,) or (1,))``: one run of the norm kernel."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
+    rows = x2.shape[0]
+    y = torch.empty(rows, D, dtype=torch.int8 if int8 else x2.dtype, device=x.device)
+    total = x2 if residual is None else torch.empty_like(x2)
+    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
+    side = torch.empty(rows if amax or int8 else 1, dtype=torch.float32, device=x.device)
+    _rms_norm_kernel[(rows,)](x2, r, total, weight, y, side, D, eps,
+                              BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
+                              AMAX=amax, INT8=int8, FLOOR=floor)
+    return total.view(x.shape), y, side
+
+
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                  amax: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, rms_norm(s), maxima)`` with ``s = x + residual`` (``x`` without one).
@@ -68,17 +84,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     of the output needs ``max |y|`` for its input scale, and taken here from
     registers it spares the product a reduction kernel.
     """
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
-    rows = x2.shape[0]
-    y = torch.empty_like(x2)
-    total = x2 if residual is None else torch.empty_like(x2)
-    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
-    maxima = torch.empty(rows if amax else 1, dtype=torch.float32, device=x.device)
-    _rms_norm_kernel[(rows,)](x2, r, total, weight, y, maxima, D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=amax, INT8=False, FLOOR=0.0)
-    return total.view(x.shape), y.view(x.shape), maxima
+    total, y, maxima = _norm_launch(x, residual, weight, eps, amax, int8=False, floor=0.0)
+    return total, y.view(x.shape), maxima
 
 
 def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
@@ -87,17 +94,7 @@ def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: f
     for a W4A8 product (int8 ``(rows, D)``, float32 ``(rows,)``; the scales of
     :func:`ruvdllm.kernels.w4a8.quantize_rows` with ``floor``), from registers: the
     16-bit output is never written, and no quantization kernel runs."""
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()  # (rows, D)
-    rows = x2.shape[0]
-    q = torch.empty(rows, D, dtype=torch.int8, device=x.device)
-    total = x2 if residual is None else torch.empty_like(x2)
-    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
-    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
-    _rms_norm_kernel[(rows,)](x2, r, total, weight, q, scale, D, eps,
-                              BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=False, INT8=True, FLOOR=floor)
-    return total.view(x.shape), q, scale
+    return _norm_launch(x, residual, weight, eps, amax=False, int8=True, floor=floor)
 
 
 @triton.jit

@@ -40,6 +40,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from ruvdllm.kernels.weight_only import split_k_output, store_tile
+
 
 @triton.jit
 def int8_row(x, q_ptr, s_ptr, cols, ok, FLOOR: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -141,13 +143,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
             acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
                               stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
-    acc = acc * xs[None, :]
-    y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-    ok = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y, acc, mask=ok, sem="relaxed")
-    else:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    store_tile(y_ptr, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym, SPLIT_K)
 
 
 class W4A8Config(NamedTuple):
@@ -200,8 +196,7 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
-    y = (torch.zeros(M, N, dtype=torch.float32, device=q.device) if split > 1
-         else torch.empty(M, N, dtype=dtype, device=q.device))
+    y = split_k_output(M, N, split, dtype, q.device)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
                        scales.stride(0), y.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn,

@@ -190,12 +190,29 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped
         xt = tl.load(x_ptr + rm[None, :] * stride_xm + (it * BLOCK_K + rk)[:, None],
                      mask=m_ok[None, :], other=0.0)  # (BK, BM)
         acc = tl.dot(w, xt, acc)
+    store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym, SPLIT_K)
+
+
+@triton.jit
+def store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym,  # type: ignore[no-untyped-def]
+               SPLIT_K: tl.constexpr):
+    """Write the ``yᵀ`` tile ``acc`` ``(BN, BM)`` into ``y`` ``(M, N)``: added with float32
+    atomics where K is split (into :func:`split_k_output`'s zeros), else stored."""
     y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K > 1:
         tl.atomic_add(y, acc, mask=ok, sem="relaxed")
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def split_k_output(M: int, N: int, split: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """The ``(M, N)`` output a kernel ending in :func:`store_tile` writes: float32 zeros
+    to add the K slices into when ``split > 1`` (converted to ``dtype`` after), else ``dtype``."""
+    if split > 1:
+        return torch.zeros(M, N, dtype=torch.float32, device=device)
+    return torch.empty(M, N, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -290,8 +307,7 @@ def _int4_fused(x: Tensor, packed: Tensor, scales: Tensor,
     bk = _block_k(K, group, bk)
     while split > 1 and (K // bk) % split:
         split //= 2
-    y = (torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1
-         else torch.empty(M, N, dtype=x.dtype, device=x.device))
+    y = split_k_output(M, N, split, x.dtype, x.device)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _int4_kernel[grid](x, packed, scales, y, M, N, K, x.stride(0), packed.stride(0),
                        scales.stride(0), y.stride(0), ASM=_ASM[x.dtype], GROUP=group,
