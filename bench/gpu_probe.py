@@ -9,6 +9,11 @@ the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 on every product of the 8B shape (int4 groups of ``group``, default 128), timed
 the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
+``python3 -m bench.gpu_probe variants``: the W4A8 fast path's graphed wall times with
+programmatic dependent launch off and on (:mod:`ruvdllm.kernels.pdl`), and split-K
+terms summed by the norm kernels or with atomics (``ruvdllm.model.SPLIT_K_PARTIALS``),
+in one process.
+
 ``python3 -m bench.gpu_probe profile [bf16|w4|fp8|w4a8 ...]``: the fast path's kernels
 under ``torch.profiler`` (graphs off, so each kernel is seen; their sum is within a
 few percent of the graphed wall time, also printed), for 8 steps at B=1 and B=8 and
@@ -80,8 +85,11 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072))
     comes from this table."""
     from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_config, w4a8_matmul
 
-    small = [W4A8Config(0, 64, 4, st, sk, u) for st in (2, 3, 4) for sk in (1, 2, 4, 8)
-             for u in (1, 2)]
+    # up to 64 rows: weight rows per program and warps (one or two warpgroups' wgmma;
+    # mma.sync tiles, 16-32 rows over 1-4 warps, were 1.3-4x slower: session 7), K split,
+    # two groups per iteration, 3 stages (4: the same, session 6)
+    small = [W4A8Config(0, bn, w, 3, sk, 2) for bn, w in ((64, 4), (128, 4), (128, 8))
+             for sk in (1, 2, 4, 8)]
     large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
                                                               (128, 128, 8))
              for st in (3, 4) for u in (1, 2)]
@@ -152,26 +160,64 @@ def profile(quant: str) -> None:
     elif quant == "w4a8":
         quantize_model(model, "w4a8", group_size=128, embedding=True)
     torch.cuda.empty_cache()
-    one = random_prompts(1, 128, LLADA_8B.vocab_size)
-    eight = random_prompts(8, 128, LLADA_8B.vocab_size)
-    eight_steps = SamplerConfig(steps=8, gen_length=256, block_length=32, cache="delayed")
-    long = SamplerConfig(steps=64, gen_length=256, block_length=32, cache="delayed",
-                         threshold=0.9)
     graphed, eager = FastSampler(model), FastSampler(model, graphs=False)
-    for label, prompts, cfg in (("8 steps B=1", one, eight_steps),
-                                ("8 steps B=8", eight, eight_steps), ("64 steps B=1", one, long)):
+    for label, prompts, cfg in _schedules():
         ms = _wall_ms(partial(graphed.generate, prompts, cfg))
         print(f"{quant} {label}: graphed wall {ms:.2f} ms", flush=True)
         _kernel_table(partial(eager.generate, prompts, cfg), f"{quant} {label}")
 
 
+def launch_variants() -> None:
+    """Graphed wall time of each schedule, W4A8, without and with programmatic dependent
+    launch and split-K terms left to the norm kernels (with 4-16 warps); the flags
+    ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS`` and
+    ``ruvdllm.kernels.elementwise.PARTS_WARPS`` come from this."""
+    from ruvdllm import model as model_flags
+    from ruvdllm.kernels import elementwise, pdl
+
+    model = llada8b(torch.bfloat16)
+    quantize_model(model, "w4a8", group_size=128, embedding=True)
+    torch.cuda.empty_cache()
+    schedules = _schedules()
+    defaults = pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS
+    variants = (("plain", False, False, 4), ("pdl", True, False, 4),
+                ("pdl + partials, norm 4 warps", True, True, 4),
+                ("pdl + partials, norm 8 warps", True, True, 8),
+                ("pdl + partials, norm 16 warps", True, True, 16))
+    for _ in range(2):  # twice, to see the drift between variants
+        for name, on, partials, warps in variants:
+            pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = (
+                on, partials, warps)
+            sampler = FastSampler(model)
+            walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
+                     for label, prompts, cfg in schedules}
+            print(f"w4a8 {name}:", json.dumps(walls), flush=True)
+            del sampler
+            torch.cuda.empty_cache()
+    pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = defaults
+
+
+def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
+    """The profile's three runs: 8 steps at B=1 and B=8, 64 steps with threshold at B=1."""
+    one = random_prompts(1, 128, LLADA_8B.vocab_size)
+    eight = random_prompts(8, 128, LLADA_8B.vocab_size)
+    eight_steps = SamplerConfig(steps=8, gen_length=256, block_length=32, cache="delayed")
+    long = SamplerConfig(steps=64, gen_length=256, block_length=32, cache="delayed",
+                         threshold=0.9)
+    return [("8 steps B=1", one, eight_steps), ("8 steps B=8", eight, eight_steps),
+            ("64 steps B=1", one, long)]
+
+
 if __name__ == "__main__":
     usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
-             "profile [bf16|w4|fp8|w4a8 ...]")
-    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "profile"):
+             "variants | profile [bf16|w4|fp8|w4a8 ...]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "variants",
+                                                 "profile"):
         sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
+    elif sys.argv[1] == "variants":
+        launch_variants()
     elif sys.argv[1] == "w4a8-tiles":
         group = int(sys.argv[2]) if len(sys.argv) > 2 else 128
         if len(sys.argv) > 3:  # rows, comma-separated

@@ -30,6 +30,9 @@ FUSED_KERNELS = True
 # Blocks use their fused q/k/v and gate/up products once built (Block.fuse_projections);
 # False uses the separate projections (the bench's eager naive reference).
 FUSED_PROJECTIONS = True
+# The fast path's W4A8 split-K products leave their terms to the norm kernel that adds
+# them (settle); False adds them with atomics and converts (the probe times both).
+SPLIT_K_PARTIALS = True
 
 
 def _fused(x: Tensor) -> bool:
@@ -135,6 +138,13 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
         return fused(gate, up)
     return F.silu(gate) * up
+
+
+def settle(term: Tensor, like: Tensor) -> Tensor:
+    """A residual term in ``like``'s shape: split-K partials ``(S, *like.shape)`` (a W4A8
+    product's, :meth:`ruvdllm.quant.W4A8Linear.forward_int8`) summed in float32 and
+    rounded to ``like``'s dtype, as the fused norm kernel sums them; other terms as they are."""
+    return term.float().sum(0).to(like.dtype) if term.dim() == like.dim() + 1 else term
 
 
 class FusedProjection:
@@ -248,18 +258,25 @@ class Block(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend_and_mlp(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                        attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                        attn_mask: Tensor | None, partials: bool = False) -> tuple[Tensor, Tensor]:
         """Attention of ``q`` over ``k``/``v``, output projection, then the SwiGLU MLP.
 
         Returns ``(s, u)``, the block's output being ``s + u``: the fast path
-        leaves the last sum to the next block's norm kernel.
+        leaves the last sum to the next block's norm kernel. With ``partials``
+        (inference; the caller passes ``u`` to a norm kernel or to :func:`settle`) the
+        W4A8 output and MLP products leave a split K's terms to the norm kernels.
         """
+        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
+
         B, T, _ = x.shape
         H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=Hkv != H)
         att = att.transpose(1, 2).reshape(B, T, H * self.cfg.head_dim)  # (B, T, d)
-        update = self.dropout(self.attn_out(att))
         fused = self._fused_for("gate_up")
+        if partials and fused is not None and isinstance(self.attn_out, W4A8Linear):
+            update = self.attn_out(att, partials=True)  # (S, B, T, d): ff_norm's kernel sums
+        else:
+            update = self.dropout(self.attn_out(att))
         if fused is None:
             x = x + update
             h = self.ff_norm(x)
@@ -272,13 +289,14 @@ class Block(nn.Module):
             swiglu_halves_amax,
             swiglu_halves_int8,
         )
-        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
 
         if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
             return x, self.dropout(self.ff_out(act, amax=amax))
         if isinstance(self.ff_out, W4A8Linear):  # quantized by the SwiGLU kernel itself
             q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)  # (B T, F)
+            if partials:
+                return x, self.ff_out.forward_int8(q, scale, (B, T), x.dtype, partials=True)
             return x, self.dropout(self.ff_out.forward_int8(q, scale, (B, T), x.dtype))
         return x, self.dropout(self.ff_out(swiglu_halves(gate_up)))
 
@@ -302,7 +320,7 @@ class Block(nn.Module):
             x, h, amax = add_rms_norm(x, residual, norm.weight, norm.eps, amax=fp8)
             return x, cast(Tensor, linear(h, amax=amax) if fp8 else linear(h))
         if residual is not None:
-            x = x + residual
+            x = x + settle(residual, x)
         return x, cast(Tensor, linear(norm(x)))
 
     def forward(
@@ -326,10 +344,10 @@ class Block(nn.Module):
         """Encode ``x + pending`` ``(B, T, d)`` at sequence slots ``index`` ``(T,)`` of a
         fixed buffer; ``(s, u)`` as :meth:`_attend_and_mlp` (the output is ``s + u``).
 
-        ``pending`` is the previous block's ``u``, added by this block's first norm
-        kernel. The new keys/values are written into ``keys``/``values``
-        ``(B, Hkv, L, hd)`` at ``index`` (replacing what those slots held), then the
-        queries attend to all ``L`` slots. Shapes never change, so the call can be
+        ``pending`` is the previous block's ``u`` (split-K terms too, :func:`settle`),
+        added by this block's first norm kernel. The new keys/values are written into
+        ``keys``/``values`` ``(B, Hkv, L, hd)`` at ``index`` (replacing what those slots
+        held), then the queries attend to all ``L`` slots. Shapes never change, so the call can be
         captured in a CUDA graph; bidirectional attention does not care about slot order.
         """
         fused = self._fused_for("qkv")
@@ -339,11 +357,14 @@ class Block(nn.Module):
             x, qkv = self._norm_then(self.attn_norm, x, fused.linear, pending)
             q = rope_qkv_into(qkv, cos, sin, keys, values, index, self.cfg.n_heads)
         else:
-            x = x if pending is None else x + pending
+            x = x if pending is None else x + settle(pending, x)
             q, k, v = self._qkv(x, cos, sin)
             keys.index_copy_(2, index, k)
             values.index_copy_(2, index, v)
-        return self._attend_and_mlp(x, q, keys, values, attn_mask)
+        # in eval the norm kernels sum split-K terms (dropout would treat each apart)
+        return self._attend_and_mlp(x, q, keys, values, attn_mask,
+                                    partials=SPLIT_K_PARTIALS and _fused(x)
+                                    and not self.training)
 
 
 # Projections of a block that read the same input: fused by Block.fuse_projections.
@@ -497,8 +518,8 @@ class DiffusionLM(nn.Module):
         if cfg.logits_shift:  # Dream: the output at i - 1 predicts token i
             logits_rows = (logits_rows - 1).clamp(min=0)
         x = x.index_select(1, logits_rows)  # (B, R, d): the last sum for these rows only
-        if pending is not None:
-            x = x + pending.index_select(1, logits_rows)
+        if pending is not None:  # (B, T, d), or split-K terms (S, B, T, d)
+            x = x + settle(pending.index_select(-2, logits_rows), x)
         h = tr.ln_f(x)
         logits = h @ tr.wte.weight.t() if cfg.weight_tying else tr.ff_out(h)
         return logits

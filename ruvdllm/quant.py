@@ -532,20 +532,28 @@ class W4A8Linear(QuantizedLinear):
         groups = q.view(self.out_features, -1, self.group_size)  # (out, G, g)
         return groups.mul_(self.scales.t().to(dtype)[..., None]).view_as(q)  # (out, in)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, partials: bool = False) -> Tensor:
         if x.requires_grad:
             return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
         q, scale = quantize_activations_int8(x.reshape(-1, self.in_features))
-        return self.forward_int8(q, scale, x.shape[:-1], x.dtype)
+        return self.forward_int8(q, scale, x.shape[:-1], x.dtype, partials)
 
     def forward_int8(self, q: Tensor, scale: Tensor, lead: tuple[int, ...] | torch.Size,
-                     dtype: torch.dtype) -> Tensor:
+                     dtype: torch.dtype, partials: bool = False) -> Tensor:
         """The product of an input the kernel that wrote it has already quantized
         (``q`` int8 ``(tokens, in)``, ``scale`` float32 ``(tokens,)``, as
-        :func:`quantize_activations_int8`); output ``(*lead, out)`` of ``dtype``."""
+        :func:`quantize_activations_int8`); output ``(*lead, out)`` of ``dtype``.
+
+        With ``partials`` (for a reader that sums them: the fused residual norm) the
+        GPU kernel may return ``(S, *lead, out)``, the terms of a split K whose sum is
+        the output (:func:`ruvdllm.kernels.w4a8.w4a8_matmul`); not with a bias.
+        """
         if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
             from ruvdllm.kernels.w4a8 import w4a8_matmul  # Triton: CUDA only
 
+            if partials and self.bias is None:
+                y = w4a8_matmul(q, scale, self.weight, self.scales, dtype, partials=True)
+                return y.view(y.shape[0], *lead, self.out_features)  # (S, *lead, out)
             y = w4a8_matmul(q, scale, self.weight, self.scales, dtype)
         else:  # int8 and int4 values and their products are exact in float32
             y = ((q.float() * scale[:, None]) @ self.dequantize().t()).to(dtype)

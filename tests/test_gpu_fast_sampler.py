@@ -295,12 +295,16 @@ def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
     qx, sx = quantize_activations_int8(x)
     ref = (qx.double() * sx.double()[:, None]) @ q.dequantize(torch.float64).t()
     configs = [None, W4A8Config(16, 64, 4, 4, 4), W4A8Config(64, 64, 4, 3, 2, 2),
-               W4A8Config(32, 64, 4, 3, 1, 2), W4A8Config(128, 128, 8, 3, 1)]
+               W4A8Config(32, 64, 4, 3, 1, 2), W4A8Config(128, 128, 8, 3, 1),
+               W4A8Config(32, 32, 2, 3, 2, 2), W4A8Config(16, 16, 1, 3, 1, 2)]
     for cfg in configs:  # the chosen configuration, then every tile shape and split
-        for _ in range(2):  # a split's arrival counts are back to zero for the next call
-            y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
-            assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-            assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg  # bf16
+        y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg  # bf16
+        parts = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg, partials=True)
+        split = parts.shape[0]  # (S, M, N): float32 terms of a split K, else the product
+        assert parts.shape[1:] == (M, N) and (split == 1 or parts.dtype == torch.float32)
+        assert ((parts.double().sum(0) - ref).norm() / ref.norm()).item() < 4e-3, cfg
     y = q(x.view(1, M, K)).view(M, N)  # the linear runs the kernel
     assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
 
@@ -325,7 +329,60 @@ def test_fused_int8_quantization_is_the_kernel_output_quantized():
         q_ref, scale_ref = quantize_activations_int8(y.reshape(-1, 4096))
         assert torch.equal(total8, total) and torch.equal(scale, scale_ref)
         assert torch.equal(q, q_ref)
+    parts = torch.randn(4, 2, 33, 4096, device="cuda")  # a split-K product's terms
+    total8, q, scale = add_rms_norm_int8(x, parts, w, 1e-5, ACT_FLOOR)
+    summed = parts[0] + parts[1] + parts[2] + parts[3]  # float32, the kernel's order
+    total = (x.float() + summed).to(x.dtype)
+    _, q_ref, scale_ref = add_rms_norm_int8(total, None, w, 1e-5, ACT_FLOOR)
+    assert torch.equal(total8, total) and torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
     gate_up = torch.randn(2, 33, 2 * 12288, device="cuda", dtype=torch.bfloat16)
     q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)
     q_ref, scale_ref = quantize_activations_int8(swiglu_halves(gate_up).reshape(-1, 12288))
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@cuda
+def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
+    """A graph of kernels that each read the one before (norm -> W4A8 product -> int8 rows
+    -> product -> SwiGLU ...), replayed on new inputs, equals the plain launches bit for bit.
+
+    With programmatic dependent launch (Hopper) each grid starts while the previous one
+    runs; a read before its wait would see the previous replay's values.
+    """
+    from ruvdllm.kernels import pdl
+    from ruvdllm.kernels.elementwise import add_rms_norm_int8, swiglu_halves
+    from ruvdllm.kernels.w4a8 import W4A8Config, quantize_rows, w4a8_matmul
+    from ruvdllm.quant import ACT_FLOOR
+
+    torch.manual_seed(0)
+    D, F = 1024, 2048
+    up = W4A8Linear.from_linear(torch.nn.Linear(D, 2 * F, bias=False, device="cuda"), 32)
+    down = W4A8Linear.from_linear(torch.nn.Linear(F, D, bias=False, device="cuda"), 32)
+    norm_w = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
+    cfg = W4A8Config(64, 64, 4, 3, 1, 2)  # no split: no float atomics, exact replays
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x, q, s = add_rms_norm_int8(x, None, norm_w, 1e-5, ACT_FLOOR)
+            act = swiglu_halves(w4a8_matmul(q, s, up.weight, up.scales, x.dtype, cfg))
+            q, s = quantize_rows(act.reshape(-1, F), ACT_FLOOR)
+            x = w4a8_matmul(q, s, down.weight, down.scales, x.dtype, cfg).view_as(x)
+        return x
+
+    inputs = [torch.randn(64, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    enabled = pdl.ENABLED
+    try:
+        pdl.ENABLED = False
+        expected = [chain(x) for x in inputs]
+        pdl.ENABLED = True
+        static = inputs[0].clone()
+        chain(static)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static)
+        for x, ref in zip(inputs, expected, strict=True):
+            static.copy_(x)
+            graph.replay()
+            assert torch.equal(out, ref)
+    finally:
+        pdl.ENABLED = enabled

@@ -25,20 +25,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ruvdllm.kernels.pdl import pdl_args, wait_inputs
 from ruvdllm.kernels.w4a8 import int8_row
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, amax_ptr, D,  # type: ignore[no-untyped-def]
-                     eps, BLOCK: tl.constexpr, ADD: tl.constexpr, AMAX: tl.constexpr,
-                     INT8: tl.constexpr, FLOOR: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, r_stride, sum_ptr, w_ptr, y_ptr,  # type: ignore[no-untyped-def]
+                     amax_ptr, D, eps, BLOCK: tl.constexpr, ADD: tl.constexpr,
+                     PARTS: tl.constexpr, AMAX: tl.constexpr, INT8: tl.constexpr,
+                     FLOOR: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0)
     if ADD:  # the residual sum first, rounded where the eager ``x + r`` rounds it
-        r = tl.load(r_ptr + row * D + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        r = tl.zeros((BLOCK,), dtype=tl.float32)
+        for part in tl.static_range(PARTS):  # a split-K product's slices, in order
+            r += tl.load(r_ptr + part * r_stride + row * D + cols, mask=ok,
+                         other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + r).to(x.dtype)
         tl.store(sum_ptr + row * D + cols, x, mask=ok)
     x = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
@@ -58,6 +64,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return add_rms_norm(x, None, weight, eps, amax=False)[1]
 
 
+# Warps of a norm program that also sums a split-K product's terms: its row then reads
+# S x D float32 (the 8B MLP's down product: 8 x 16 KB), and with Triton's default 4 warps
+# the norm kernels took twice as long (docs/decisions.md, session 7).
+PARTS_WARPS = 16
+
+
 def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, amax: bool,
                  int8: bool, floor: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(s (x's shape), y (rows, D), side (rows,) or (1,))``: one run of the norm kernel."""
@@ -66,17 +78,23 @@ def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     rows = x2.shape[0]
     y = torch.empty(rows, D, dtype=torch.int8 if int8 else x2.dtype, device=x.device)
     total = x2 if residual is None else torch.empty_like(x2)
-    r = x2 if residual is None else residual.reshape(-1, D).contiguous()
+    parts = 1 if residual is None or residual.dim() == x.dim() else residual.shape[0]
+    r = x2 if residual is None else residual.reshape(parts, rows, D).contiguous()  # (S, rows, D)
     side = torch.empty(rows if amax or int8 else 1, dtype=torch.float32, device=x.device)
-    _rms_norm_kernel[(rows,)](x2, r, total, weight, y, side, D, eps,
+    _rms_norm_kernel[(rows,)](x2, r, rows * D, total, weight, y, side, D, eps,
                               BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              AMAX=amax, INT8=int8, FLOOR=floor)
+                              PARTS=parts, AMAX=amax, INT8=int8, FLOOR=floor,
+                              num_warps=PARTS_WARPS if parts > 1 else 4, **pdl_args(x.device))
     return total.view(x.shape), y, side
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                  amax: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, rms_norm(s), maxima)`` with ``s = x + residual`` (``x`` without one).
+
+    ``residual`` is of ``x``'s shape, or ``(S, *x.shape)``: the terms of a split-K
+    product (:func:`ruvdllm.kernels.w4a8.w4a8_matmul` with ``partials``), added here in
+    float32 in order, then to ``x``.
 
     One kernel for a block's residual sum and the norm after it (each is
     otherwise a launch and a pass over the rows). With ``amax`` it also returns
@@ -99,7 +117,8 @@ def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: f
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, T,  # type: ignore[no-untyped-def]
-                 sxb, sxh, sxt, scb, sct, HALF: tl.constexpr):
+                 sxb, sxh, sxt, scb, sct, HALF: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     bt = tl.program_id(0)  # one (row, position) per program, every head
     h = tl.program_id(1)
     b = bt // T
@@ -126,14 +145,16 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         raise ValueError("rope needs unit-stride head dims and contiguous tables")
     y = torch.empty(B, H, T, hd, dtype=x.dtype, device=x.device)
     _rope_kernel[(B * T, H)](x, cos, sin, y, H, T, x.stride(0), x.stride(1), x.stride(2),
-                             cos.stride(0), cos.stride(2), HALF=hd // 2)
+                             cos.stride(0), cos.stride(2), HALF=hd // 2,
+                             **pdl_args(x.device))
     return y
 
 
 @triton.jit
 def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,  # type: ignore[no-untyped-def]
                      idx_ptr, T, L, H, HKV, s_row, scb, sct,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     bt = tl.program_id(0)  # one (row, position) per program
     part = tl.program_id(1)  # 0: queries, 1: keys, 2: values
     b = bt // T
@@ -186,12 +207,15 @@ def rope_qkv_into(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: T
     rows = qkv.reshape(B * T, width)  # (B T, width): a view for unit-stride rows
     _rope_qkv_kernel[(B * T, 3)](rows, cos, sin, q, keys, values, index, T, L, n_heads, Hkv,
                                  rows.stride(0), cos.stride(0), cos.stride(2), HALF=hd // 2,
-                                 BLOCK_H=triton.next_power_of_2(max(n_heads, Hkv)))
+                                 BLOCK_H=triton.next_power_of_2(max(n_heads, Hkv)),
+                                 **pdl_args(qkv.device))
     return q.transpose(1, 2)  # (B, H, T, hd)
 
 
 @triton.jit
-def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr,  # type: ignore[no-untyped-def]
+                   PDL: tl.constexpr):
+    wait_inputs(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
@@ -202,7 +226,8 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):  # type: ignore
 
 @triton.jit
 def _swiglu_halves_kernel(gu_ptr, y_ptr, amax_ptr, F,  # type: ignore[no-untyped-def]
-                          BLOCK: tl.constexpr, AMAX: tl.constexpr):
+                          BLOCK: tl.constexpr, AMAX: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     i = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -223,13 +248,15 @@ def _swiglu_halves(gate_up: Tensor, amax: bool) -> tuple[Tensor, Tensor]:
     rows, chunks = gu.shape[0], triton.cdiv(F2 // 2, 1024)
     y = torch.empty(rows, F2 // 2, dtype=gu.dtype, device=gu.device)
     maxima = torch.empty(rows * chunks if amax else 1, dtype=torch.float32, device=gu.device)
-    _swiglu_halves_kernel[(rows, chunks)](gu, y, maxima, F2 // 2, BLOCK=1024, AMAX=amax)
+    _swiglu_halves_kernel[(rows, chunks)](gu, y, maxima, F2 // 2, BLOCK=1024, AMAX=amax,
+                                          **pdl_args(gu.device))
     return y.view(*gate_up.shape[:-1], F2 // 2), maxima
 
 
 @triton.jit
 def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
-                        BLOCK: tl.constexpr, FLOOR: tl.constexpr):
+                        BLOCK: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     row = tl.program_id(0)  # a whole row per program: its scale needs its maximum
     i = tl.arange(0, BLOCK)
     ok = i < F
@@ -250,7 +277,8 @@ def swiglu_halves_int8(gate_up: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     scale = torch.empty(rows, dtype=torch.float32, device=gu.device)
     block = triton.next_power_of_2(F)
     _swiglu_int8_kernel[(rows,)](gu, q, scale, F, BLOCK=block, FLOOR=floor,
-                                 num_warps=min(16, max(4, block // 1024)))
+                                 num_warps=min(16, max(4, block // 1024)),
+                                 **pdl_args(gu.device))
     return q, scale
 
 
@@ -270,5 +298,5 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(up)
     n = up.numel()
-    _swiglu_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, BLOCK=1024)
+    _swiglu_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, BLOCK=1024, **pdl_args(up.device))
     return y

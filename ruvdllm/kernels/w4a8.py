@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from ruvdllm.kernels.pdl import pdl_args, wait_inputs
 from ruvdllm.kernels.weight_only import split_k_output, store_tile
 
 
@@ -61,7 +62,8 @@ def int8_row(x, q_ptr, s_ptr, cols, ok, FLOOR: tl.constexpr):  # type: ignore[no
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,  # type: ignore[no-untyped-def]
-                          FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                          FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < K
@@ -77,7 +79,8 @@ def quantize_rows(x: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(K)
     _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FLOOR=floor,
-                                BLOCK=block, num_warps=4 if block <= 4096 else 8)
+                                BLOCK=block, num_warps=4 if block <= 4096 else 8,
+                                **pdl_args(x.device))
     return q, scale
 
 
@@ -105,15 +108,18 @@ def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-
 
 @triton.jit
 def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
-                 stride_xm, stride_wn, stride_sg, stride_ym, GROUP: tl.constexpr,
+                 stride_xm, stride_wn, stride_sg, stride_ym, stride_ys, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 UNROLL: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr):
     """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
-    UNROLL (1 or 2) groups per iteration.
+    UNROLL (1 or 2) groups per iteration. A split K's slices are added with atomics,
+    or with ``PARTIALS`` stored apart, slice ``k`` at ``y_ptr + k * stride_ys``.
 
-    The scales of the next iteration's groups are loaded at the start of this one:
-    Triton's pipeline copies ahead only what feeds ``tl.dot``, and a scale loaded
-    where it is used stalled each iteration on a memory round trip.
+    The first scales are loaded before the wait on the input
+    (:func:`ruvdllm.kernels.pdl.wait_inputs`): no kernel writes them. The scales of
+    the next iteration's groups are loaded at the start of this one: Triton's pipeline
+    copies ahead only what feeds ``tl.dot``, and a scale loaded where it is used
+    stalled each iteration on a memory round trip.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -129,6 +135,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     s_next = tl.load(s_ptr + (first + ru)[:, None] * stride_sg + rn[None, :],
                      mask=n_ok[None, :], other=0.0)  # (U, BN)
+    wait_inputs(PDL)
     for g in range(first, last + UNROLL, UNROLL):
         s = s_next.to(tl.float32)
         s_next = tl.load(s_ptr + (tl.minimum(g + UNROLL, last) + ru)[:, None] * stride_sg
@@ -143,7 +150,8 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
             acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
                               stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
-    store_tile(y_ptr, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym, SPLIT_K)
+    store_tile(y_ptr + pid_k * stride_ys, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym,
+               SPLIT_K > 1 and not PARTIALS)
 
 
 class W4A8Config(NamedTuple):
@@ -178,12 +186,18 @@ def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
 
 
 def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
-                dtype: torch.dtype, cfg: W4A8Config | None = None) -> Tensor:
-    """``(q * x_scale) Wᵀ`` as ``(M, N)`` of ``dtype``.
+                dtype: torch.dtype, cfg: W4A8Config | None = None,
+                partials: bool = False) -> Tensor:
+    """``(q * x_scale) Wᵀ`` as ``(M, N)`` of ``dtype``; with ``partials``, as the terms
+    ``(S, M, N)`` whose sum it is: float32 sums over each of the S slices of a split K
+    (``S = 1``: the product, of ``dtype``).
 
     ``q`` int8 ``(M, K)`` with row scales ``x_scale`` float32 ``(M,)``
     (:func:`quantize_rows`); ``W`` in :class:`ruvdllm.quant.W4A8Linear`'s layout:
     ``packed`` uint8 ``(N, K/2)``, ``scales`` ``(K/GROUP, N)`` with unit column stride.
+    Partials are for a reader that adds the product to something anyway (the residual
+    sum of :func:`ruvdllm.kernels.elementwise.add_rms_norm_int8`): a split K then needs
+    no zeroed output, no atomics and no conversion kernel, and the sum is in a fixed order.
     """
     M, K = q.shape
     N = packed.shape[0]
@@ -196,9 +210,15 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
-    y = split_k_output(M, N, split, dtype, q.device)
+    if partials:
+        y = torch.empty(split, M, N, dtype=torch.float32 if split > 1 else dtype,
+                        device=q.device)
+    else:
+        y = split_k_output(M, N, split, dtype, q.device)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
-                       scales.stride(0), y.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn,
-                       SPLIT_K=split, UNROLL=unroll, num_warps=warps, num_stages=stages)
-    return y.to(dtype)
+                       scales.stride(0), y.stride(-2), M * N if partials else 0, GROUP=group,
+                       BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll,
+                       PARTIALS=partials, num_warps=warps, num_stages=stages,
+                       **pdl_args(q.device))
+    return y if partials else y.to(dtype)

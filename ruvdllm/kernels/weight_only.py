@@ -190,17 +190,17 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped
         xt = tl.load(x_ptr + rm[None, :] * stride_xm + (it * BLOCK_K + rk)[:, None],
                      mask=m_ok[None, :], other=0.0)  # (BK, BM)
         acc = tl.dot(w, xt, acc)
-    store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym, SPLIT_K)
+    store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym, SPLIT_K > 1)
 
 
 @triton.jit
 def store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym,  # type: ignore[no-untyped-def]
-               SPLIT_K: tl.constexpr):
-    """Write the ``yᵀ`` tile ``acc`` ``(BN, BM)`` into ``y`` ``(M, N)``: added with float32
-    atomics where K is split (into :func:`split_k_output`'s zeros), else stored."""
+               ADD: tl.constexpr):
+    """Write the ``yᵀ`` tile ``acc`` ``(BN, BM)`` into ``y`` ``(M, N)``: with ``ADD``
+    (K split) added with float32 atomics (into :func:`split_k_output`'s zeros), else stored."""
     y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ok = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K > 1:
+    if ADD:
         tl.atomic_add(y, acc, mask=ok, sem="relaxed")
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
