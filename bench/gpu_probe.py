@@ -169,7 +169,7 @@ def profile(quant: str) -> None:
 
 def launch_variants() -> None:
     """Graphed wall time of each schedule, W4A8, without and with programmatic dependent
-    launch and split-K terms left to the norm kernels (with 4-16 warps); the flags
+    launch and split-K terms left to the norm kernels (with 4-32 warps); the flags
     ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS`` and
     ``ruvdllm.kernels.elementwise.PARTS_WARPS`` come from this."""
     from ruvdllm import model as model_flags
@@ -183,7 +183,8 @@ def launch_variants() -> None:
     variants = (("plain", False, False, 4), ("pdl", True, False, 4),
                 ("pdl + partials, norm 4 warps", True, True, 4),
                 ("pdl + partials, norm 8 warps", True, True, 8),
-                ("pdl + partials, norm 16 warps", True, True, 16))
+                ("pdl + partials, norm 16 warps", True, True, 16),
+                ("pdl + partials, norm 32 warps", True, True, 32))
     for _ in range(2):  # twice, to see the drift between variants
         for name, on, partials, warps in variants:
             pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = (

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ruvdllm.fast_sampler import FastSampler
-from ruvdllm.model import DiffusionLM, StaticKV
+from ruvdllm.model import DiffusionLM, StaticKV, settle
 from ruvdllm.quant import (
     Fp8Linear,
     Int4Linear,
@@ -93,6 +93,17 @@ def test_reference_only_options_refused(model, options, message):
 def test_graphs_refused_off_cuda(model):
     with pytest.raises(SamplerError, match="CUDA"):
         FastSampler(model, graphs=True)
+
+
+def test_settle_sums_split_k_terms():
+    """A split-K product's terms (S, *shape) become one term of ``like``'s shape and dtype."""
+    like = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
+    parts = torch.randn(4, 2, 3, 8)
+    out = settle(parts, like)
+    assert out.dtype == torch.bfloat16 and out.shape == like.shape
+    assert torch.equal(out, parts.sum(0).to(torch.bfloat16))
+    term = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    assert settle(term, like) is term
 
 
 @cuda

@@ -14,7 +14,10 @@ back: a residual sum and the RMSNorm after it (:func:`add_rms_norm`), RoPE and
 the key/value slot writes of a cached step (:func:`rope_qkv_into`); RMSNorm and
 SwiGLU can also return their outputs' maxima, the input scale of a float8
 product (:mod:`ruvdllm.kernels.fp8`), or their outputs quantized per row to int8
-for a W4A8 product (:mod:`ruvdllm.kernels.w4a8`), from registers.
+for a W4A8 product (:mod:`ruvdllm.kernels.w4a8`), from registers. The residual sum
+also takes a split-K product's terms and adds them itself. Each kernel waits for its
+inputs with :func:`ruvdllm.kernels.pdl.wait_inputs`: on Hopper it is launched while the
+previous kernel is still running.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)

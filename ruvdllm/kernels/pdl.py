@@ -1,22 +1,24 @@
 """Programmatic dependent launch (Hopper and later): a kernel starts while the one
 before it on the stream is still running.
 
-A cached denoising step of the 8B shape is about 540 kernels, most of them a few
-microseconds long; inside a CUDA graph each still pays its launch (the grid is
-scheduled only once the previous one has finished and flushed) and its ramp (the
-first loads of a product wait a full memory round trip). With the launch attribute
+A cached denoising step of the 8B shape is about 420 kernels, most of them a few
+microseconds long; inside a CUDA graph each is still scheduled only once the previous
+one has finished and flushed its writes. With the launch attribute
 ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` (NVIDIA, CUDA programming
 guide, "Programmatic Dependent Launch") the next grid is scheduled as soon as every
-program of the running one has called ``griddepcontrol.launch_dependents``; it then
-does what does not depend on its predecessor (a product: pull its weights into L2,
-:mod:`ruvdllm.kernels.w4a8`) and blocks in ``griddepcontrol.wait`` until the
-predecessor has finished and its writes are visible. Stream capture keeps the
-dependency in a CUDA graph as a programmatic edge.
+program of the running one has called ``griddepcontrol.launch_dependents``; it sets
+itself up (a W4A8 product loads its first weight scales) and blocks in
+``griddepcontrol.wait`` until the predecessor has finished and its writes are
+visible. Stream capture keeps the dependency in a CUDA graph as a programmatic edge.
+Measured on the H200 it saves 1-3 % of the 64-step W4A8 run and nothing measurable at
+8 steps; asking L2 for the product's weights before the wait made it slower
+(docs/decisions.md, session 7).
 
 Every kernel launched this way calls :func:`wait_inputs` before it reads anything
 an earlier kernel wrote or writes anything at all, so the order of results is the
 stream's; it lets its own dependents launch only after that wait, so at most one
-grid waits ahead of the running one.
+grid waits ahead of the running one. The element-wise kernels and the W4A8 product's
+use it; the others (weight-only int4 and int8, float8 quantization) launch plainly.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)
