@@ -347,8 +347,9 @@ class Block(nn.Module):
         ``pending`` is the previous block's ``u`` (split-K terms too, :func:`settle`),
         added by this block's first norm kernel. The new keys/values are written into
         ``keys``/``values`` ``(B, Hkv, L, hd)`` at ``index`` (replacing what those slots
-        held), then the queries attend to all ``L`` slots. Shapes never change, so the call can be
-        captured in a CUDA graph; bidirectional attention does not care about slot order.
+        held), then the queries attend to all ``L`` slots. Shapes never change, so the
+        call can be captured in a CUDA graph; bidirectional attention does not care
+        about slot order.
         """
         fused = self._fused_for("qkv")
         if fused is not None and _fused(x):  # one kernel: RoPE and the two slot writes
