@@ -87,9 +87,9 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072))
 
     # up to 64 rows: weight rows per program and warps (one or two warpgroups' wgmma;
     # mma.sync tiles, 16-32 rows over 1-4 warps, were 1.3-4x slower: session 7), K split,
-    # two groups per iteration as two products or one, 3 stages (4: the same, session 6)
-    small = [W4A8Config(0, bn, w, 3, sk, 2, pair) for bn, w in ((64, 4), (128, 8))
-             for sk in (1, 2, 4, 8) for pair in (False, True)]
+    # two groups per iteration, 3 stages (4: the same, session 6)
+    small = [W4A8Config(0, bn, w, 3, sk, 2) for bn, w in ((64, 4), (128, 4), (128, 8))
+             for sk in (1, 2, 4, 8)]
     large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
                                                               (128, 128, 8))
              for st in (3, 4) for u in (1, 2)]
@@ -173,32 +173,29 @@ def launch_variants() -> None:
     ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS`` and
     ``ruvdllm.kernels.elementwise.PARTS_WARPS`` come from this."""
     from ruvdllm import model as model_flags
-    from ruvdllm.kernels import elementwise, pdl, w4a8
+    from ruvdllm.kernels import elementwise, pdl
 
     model = llada8b(torch.bfloat16)
     quantize_model(model, "w4a8", group_size=128, embedding=True)
     torch.cuda.empty_cache()
     schedules = _schedules()
-    defaults = (pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS,
-                w4a8.PAIR_GROUPS)
-    variants = (("plain", False, False, 4, False), ("pdl", True, False, 4, False),
-                ("pdl + partials, norm 16 warps", True, True, 16, False),
-                ("pdl + partials, norm 16 warps, groups paired", True, True, 16, True),
-                ("pdl + partials, norm 4 warps", True, True, 4, False),
-                ("pdl + partials, norm 8 warps", True, True, 8, False),
-                ("pdl + partials, norm 32 warps", True, True, 32, False))
+    defaults = pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS
+    variants = (("plain", False, False, 4), ("pdl", True, False, 4),
+                ("pdl + partials, norm 4 warps", True, True, 4),
+                ("pdl + partials, norm 8 warps", True, True, 8),
+                ("pdl + partials, norm 16 warps", True, True, 16),
+                ("pdl + partials, norm 32 warps", True, True, 32))
     for _ in range(2):  # twice, to see the drift between variants
-        for name, on, partials, warps, pair in variants:
-            (pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS,
-             w4a8.PAIR_GROUPS) = on, partials, warps, pair
+        for name, on, partials, warps in variants:
+            pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = (
+                on, partials, warps)
             sampler = FastSampler(model)
             walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
                      for label, prompts, cfg in schedules}
             print(f"w4a8 {name}:", json.dumps(walls), flush=True)
             del sampler
             torch.cuda.empty_cache()
-    pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS, w4a8.PAIR_GROUPS = (
-        defaults)
+    pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = defaults
 
 
 def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:

@@ -43,10 +43,6 @@ from triton.language.extra import libdevice
 from ruvdllm.kernels.pdl import pdl_args, wait_inputs
 from ruvdllm.kernels.weight_only import split_k_output, store_tile
 
-# Up to 64 rows, two groups per iteration as one product (:func:`_w4a8_pair`); the probe
-# times both (``python3 -m bench.gpu_probe variants``).
-PAIR_GROUPS = False
-
 
 @triton.jit
 def int8_row(x, q_ptr, s_ptr, cols, ok, FLOOR: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -89,13 +85,13 @@ def quantize_rows(x: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
-def _w4a8_weights(w_ptr, rn, n_ok, k0, stride_wn,  # type: ignore[no-untyped-def]
-                  COLS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Columns ``k0 ... k0 + COLS`` of the weight rows ``rn`` as int8 ``16 q`` ``(BN, COLS)``
-    (``k0`` and ``COLS`` multiples of 32)."""
-    rj = tl.arange(0, COLS // 2)
-    p = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rj)[None, :],
-                mask=n_ok[:, None], other=0)  # (BN, COLS/2) packed bytes
+def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
+                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
+    rj = tl.arange(0, GROUP // 2)
+    rk = tl.arange(0, GROUP)
+    p = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + rj)[None, :],
+                mask=n_ok[:, None], other=0)  # (BN, G/2) packed bytes
     # per 4 bytes, two bit operations each: low and high nibbles as int8 16 q
     low, high = tl.inline_asm_elementwise(
         "{.reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; "
@@ -103,52 +99,18 @@ def _w4a8_weights(w_ptr, rn, n_ok, k0, stride_wn,  # type: ignore[no-untyped-def
         "=r,=r,r", [p], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     # byte j of a 16-byte chunk c holds columns 32 c + j (low) and 32 c + 16 + j (high):
     # a relabelling of registers, no data moves (checked in the SASS)
-    w = tl.reshape(tl.join(low, high), (BLOCK_N, COLS // 32, 16, 2))  # (BN, COLS/32, 16, 2)
-    return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, COLS))  # (BN, COLS) in order
-
-
-@triton.jit
-def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
-                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
-    w = _w4a8_weights(w_ptr, rn, n_ok, g * GROUP, stride_wn, GROUP, BLOCK_N)  # (BN, G)
-    rk = tl.arange(0, GROUP)
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUP // 32, 16, 2))  # (BN, G/32, 16, 2)
+    w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G) in order
     xt = tl.load(x_ptr + rm[None, :] * stride_xm + (g * GROUP + rk)[:, None],
                  mask=m_ok[None, :], other=0)  # (G, BM) int8
     return acc + tl.dot(w, xt, out_dtype=tl.int32).to(tl.float32) * s[:, None]
 
 
 @triton.jit
-def _w4a8_pair(acc, x_ptr, w_ptr, s0, s1, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
-               stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr):
-    """``acc`` plus groups ``g`` and ``g + 1`` from one product, scaled by ``s0``, ``s1``.
-
-    ``xᵀ`` is laid out block-diagonally, ``(2G, 2BM)``: column ``2m`` holds row ``m``'s
-    group ``g`` over the first G rows (zeros below), column ``2m + 1`` its group
-    ``g + 1`` over the last G. One ``tl.dot`` then yields both groups' int32 products
-    side by side, twice the tensor-core work (idle at a few rows) for one wait instead
-    of two; a thread holds both columns of a pair, so splitting them moves no data.
-    """
-    w = _w4a8_weights(w_ptr, rn, n_ok, g * GROUP, stride_wn, 2 * GROUP, BLOCK_N)  # (BN, 2G)
-    rk = tl.arange(0, 2 * GROUP)
-    c = tl.arange(0, 2 * BLOCK_M)
-    row = tl.reshape(tl.join(rm, rm), (2 * BLOCK_M,))  # (2BM,) rows m, m
-    ok = tl.reshape(tl.join(m_ok, m_ok), (2 * BLOCK_M,))
-    diag = (rk[:, None] // GROUP) == (c % 2)[None, :]  # (2G, 2BM)
-    xt = tl.load(x_ptr + row[None, :] * stride_xm + (g * GROUP + rk)[:, None],
-                 mask=diag & ok[None, :], other=0)  # (2G, 2BM) int8, block-diagonal
-    r = tl.dot(w, xt, out_dtype=tl.int32).to(tl.float32)  # (BN, 2BM)
-    r0, r1 = tl.split(tl.reshape(r, (BLOCK_N, BLOCK_M, 2)))  # 2 x (BN, BM)
-    return acc + r0 * s0[:, None] + r1 * s1[:, None]
-
-
-@triton.jit
 def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
                  stride_xm, stride_wn, stride_sg, stride_ym, stride_ys, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                 UNROLL: tl.constexpr, PAIR: tl.constexpr, PARTIALS: tl.constexpr,
-                 PDL: tl.constexpr):
+                 UNROLL: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr):
     """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
     UNROLL (1 or 2) groups per iteration. A split K's slices are added with atomics,
     or with ``PARTIALS`` stored apart, slice ``k`` at ``y_ptr + k * stride_ys``.
@@ -183,14 +145,10 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
                               m_ok, g, stride_xm, stride_wn, GROUP, BLOCK_N)
         else:
             s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
-            if PAIR:
-                acc = _w4a8_pair(acc, x_ptr, w_ptr, s0, s1, rn, rm, n_ok, m_ok, g,
-                                 stride_xm, stride_wn, GROUP, BLOCK_N, BLOCK_M)
-            else:
-                acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
-                                  stride_wn, GROUP, BLOCK_N)
-                acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1,
-                                  stride_xm, stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     store_tile(y_ptr + pid_k * stride_ys, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym,
                SPLIT_K > 1 and not PARTIALS)
@@ -206,7 +164,6 @@ class W4A8Config(NamedTuple):
     stages: int
     split_k: int
     unroll: int = 1
-    pair: bool = False  # two groups per iteration as one product (:func:`_w4a8_pair`)
 
 
 def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
@@ -221,7 +178,7 @@ def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
     """
     if m <= 64:
         split = 1 if N > 64 * 64 else 8 if K >= 8192 and m <= 32 else 4
-        return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split, 2, PAIR_GROUPS)
+        return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split, 2)
     if m <= 384 and N < 65536:
         return W4A8Config(64, 64, 4, 3, 1, 2)
     return W4A8Config(128, 128, 8, 3, 1, 2) if N >= 65536 and m > 384 else \
@@ -250,7 +207,7 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
         raise ValueError(f"w4a8_matmul: weight {tuple(packed.shape)} and scales "
                          f"{tuple(scales.shape)} do not fit K={K} in groups of 32 or more")
     q = q.contiguous()
-    bm, bn, warps, stages, split, unroll, pair = cfg or w4a8_config(M, N, K)
+    bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
     if partials:
@@ -262,6 +219,6 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
                        scales.stride(0), y.stride(-2), M * N if partials else 0, GROUP=group,
                        BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, UNROLL=unroll,
-                       PAIR=pair and unroll == 2, PARTIALS=partials, num_warps=warps,
-                       num_stages=stages, **pdl_args(q.device))
+                       PARTIALS=partials, num_warps=warps, num_stages=stages,
+                       **pdl_args(q.device))
     return y if partials else y.to(dtype)
