@@ -551,10 +551,10 @@ class W4A8Linear(QuantizedLinear):
         if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
             from ruvdllm.kernels.w4a8 import w4a8_matmul  # Triton: CUDA only
 
-            if partials and self.bias is None:
-                y = w4a8_matmul(q, scale, self.weight, self.scales, dtype, partials=True)
+            terms = partials and self.bias is None
+            y = w4a8_matmul(q, scale, self.weight, self.scales, dtype, partials=terms)
+            if terms:
                 return y.view(y.shape[0], *lead, self.out_features)  # (S, *lead, out)
-            y = w4a8_matmul(q, scale, self.weight, self.scales, dtype)
         else:  # int8 and int4 values and their products are exact in float32
             y = ((q.float() * scale[:, None]) @ self.dequantize().t()).to(dtype)
         return self._add_bias(y.reshape(*lead, self.out_features))

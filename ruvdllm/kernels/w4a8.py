@@ -210,11 +210,7 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
-    if partials:
-        y = torch.empty(split, M, N, dtype=torch.float32 if split > 1 else dtype,
-                        device=q.device)
-    else:
-        y = split_k_output(M, N, split, dtype, q.device)
+    y = split_k_output(M, N, split, dtype, q.device, partials)  # (M, N) or (S, M, N)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
                        scales.stride(0), y.stride(-2), M * N if partials else 0, GROUP=group,

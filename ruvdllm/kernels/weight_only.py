@@ -206,10 +206,15 @@ def store_tile(y_ptr, acc, rn, rm, n_ok, m_ok, stride_ym,  # type: ignore[no-unt
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def split_k_output(M: int, N: int, split: int, dtype: torch.dtype,
-                   device: torch.device) -> Tensor:
-    """The ``(M, N)`` output a kernel ending in :func:`store_tile` writes: float32 zeros
-    to add the K slices into when ``split > 1`` (converted to ``dtype`` after), else ``dtype``."""
+def split_k_output(M: int, N: int, split: int, dtype: torch.dtype, device: torch.device,
+                   partials: bool = False) -> Tensor:
+    """The output a kernel ending in :func:`store_tile` writes: ``(M, N)`` float32 zeros
+    to add the K slices into when ``split > 1`` (converted to ``dtype`` after), else
+    ``dtype``; with ``partials`` one ``(M, N)`` term per slice, ``(split, M, N)``
+    (float32 when ``split > 1``), each stored, not added."""
+    if partials:
+        return torch.empty(split, M, N, dtype=torch.float32 if split > 1 else dtype,
+                           device=device)
     if split > 1:
         return torch.zeros(M, N, dtype=torch.float32, device=device)
     return torch.empty(M, N, dtype=dtype, device=device)
