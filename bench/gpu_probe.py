@@ -83,16 +83,19 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072))
     """Print µs per W4A8 product (quantized input given) for each tile configuration,
     at the rows of a step; the choice in :func:`ruvdllm.kernels.w4a8.w4a8_config`
     comes from this table."""
+    from triton.runtime.errors import OutOfResources
+
     from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_config, w4a8_matmul
 
     # up to 64 rows: weight rows per program and warps (one or two warpgroups' wgmma;
     # mma.sync tiles, 16-32 rows over 1-4 warps, were 1.3-4x slower: session 7), K split,
-    # two groups per iteration, 3 stages (4: the same, session 6)
-    small = [W4A8Config(0, bn, w, 3, sk, 2) for bn, w in ((64, 4), (128, 4), (128, 8))
-             for sk in (1, 2, 4, 8)]
+    # two groups per iteration over 3 or 4 stages, or four over 3 (four over 2: slower,
+    # session 8)
+    small = [W4A8Config(0, bn, w, st, sk, u) for bn, w in ((64, 4), (128, 8))
+             for sk in (1, 2, 4, 8) for st, u in ((3, 2), (4, 2), (3, 4))]
     large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
                                                               (128, 128, 8))
-             for st in (3, 4) for u in (1, 2)]
+             for st, u in ((3, 1), (3, 2), (4, 2), (3, 4))]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for N, K in SHAPES:
         lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -111,8 +114,11 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072))
                      f"chosen {tuple(w4a8_config(M, N, K))}": round(graph_us(
                          [partial(w4a8_matmul, xq, xs, p, s, x.dtype) for p, s in copies]), 1)}
             for c in cfgs:
-                times[str(tuple(c))] = round(graph_us(
-                    [partial(w4a8_matmul, xq, xs, p, s, x.dtype, c) for p, s in copies]), 1)
+                try:
+                    times[str(tuple(c))] = round(graph_us(
+                        [partial(w4a8_matmul, xq, xs, p, s, x.dtype, c) for p, s in copies]), 1)
+                except OutOfResources:  # more shared memory than the GPU has
+                    times[str(tuple(c))] = float("inf")
             best = min((k for k in times if k.startswith("(")), key=lambda k: times[k])
             print(f"N={N} K={K} M={M} best {best} {times[best]}", json.dumps(times), flush=True)
         del lin, q, copies, bf16s
@@ -168,34 +174,42 @@ def profile(quant: str) -> None:
 
 
 def launch_variants() -> None:
-    """Graphed wall time of each schedule, W4A8, without and with programmatic dependent
-    launch and split-K terms left to the norm kernels (with 4-32 warps); the flags
-    ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS`` and
-    ``ruvdllm.kernels.elementwise.PARTS_WARPS`` come from this."""
+    """Graphed wall time of each schedule, W4A8, in one process, with programmatic
+    dependent launch, split-K terms left to the norm kernels (16 warps for their sum)
+    and the product tiles of session 8 each against what came before; the flags
+    ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS``,
+    ``ruvdllm.kernels.elementwise.PARTS_WARPS`` and
+    :func:`ruvdllm.kernels.w4a8.w4a8_config` come from this."""
     from ruvdllm import model as model_flags
-    from ruvdllm.kernels import elementwise, pdl
+    from ruvdllm.kernels import elementwise, pdl, w4a8
 
     model = llada8b(torch.bfloat16)
     quantize_model(model, "w4a8", group_size=128, embedding=True)
     torch.cuda.empty_cache()
     schedules = _schedules()
+    tiles = w4a8.w4a8_config
     defaults = pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS
-    variants = (("plain", False, False, 4), ("pdl", True, False, 4),
-                ("pdl + partials, norm 4 warps", True, True, 4),
-                ("pdl + partials, norm 8 warps", True, True, 8),
-                ("pdl + partials, norm 16 warps", True, True, 16),
-                ("pdl + partials, norm 32 warps", True, True, 32))
-    for _ in range(2):  # twice, to see the drift between variants
-        for name, on, partials, warps in variants:
-            pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = (
-                on, partials, warps)
-            sampler = FastSampler(model)
-            walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
-                     for label, prompts, cfg in schedules}
-            print(f"w4a8 {name}:", json.dumps(walls), flush=True)
-            del sampler
-            torch.cuda.empty_cache()
-    pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = defaults
+
+    def session7(m: int, N: int, K: int) -> w4a8.W4A8Config:  # 3 stages, 2 groups
+        return tiles(m, N, K)._replace(stages=3, unroll=2)
+
+    variants = (("plain, session 7 tiles", False, False, 4, session7),
+                ("pdl + partials, norm 16 warps, session 7 tiles", True, True, 16, session7),
+                ("pdl + partials, norm 16 warps, session 8 tiles", True, True, 16, tiles))
+    try:
+        for _ in range(2):  # twice, to see the drift between variants
+            for name, on, partials, warps, choice in variants:
+                pdl.ENABLED, model_flags.SPLIT_K_PARTIALS = on, partials
+                elementwise.PARTS_WARPS, w4a8.w4a8_config = warps, choice
+                sampler = FastSampler(model)
+                walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
+                         for label, prompts, cfg in schedules}
+                print(f"w4a8 {name}:", json.dumps(walls), flush=True)
+                del sampler
+                torch.cuda.empty_cache()
+    finally:
+        pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = defaults
+        w4a8.w4a8_config = tiles
 
 
 def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:

@@ -307,7 +307,8 @@ def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
     ref = (qx.double() * sx.double()[:, None]) @ q.dequantize(torch.float64).t()
     configs = [None, W4A8Config(16, 64, 4, 4, 4), W4A8Config(64, 64, 4, 3, 2, 2),
                W4A8Config(32, 64, 4, 3, 1, 2), W4A8Config(128, 128, 8, 3, 1),
-               W4A8Config(32, 32, 2, 3, 2, 2), W4A8Config(16, 16, 1, 3, 1, 2)]
+               W4A8Config(32, 32, 2, 3, 2, 2), W4A8Config(16, 16, 1, 3, 1, 2),
+               W4A8Config(32, 64, 4, 3, 1, 4), W4A8Config(64, 128, 8, 2, 2, 4)]
     for cfg in configs:  # the chosen configuration, then every tile shape and split
         y = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg)
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
@@ -397,3 +398,4 @@ def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
             assert torch.equal(out, ref)
     finally:
         pdl.ENABLED = enabled
+

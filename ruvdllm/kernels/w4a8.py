@@ -112,7 +112,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                  UNROLL: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr):
     """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
-    UNROLL (1 or 2) groups per iteration. A split K's slices are added with atomics,
+    UNROLL (1, 2 or 4) groups per iteration. A split K's slices are added with atomics,
     or with ``PARTIALS`` stored apart, slice ``k`` at ``y_ptr + k * stride_ys``.
 
     The first scales are loaded before the wait on the input
@@ -143,11 +143,23 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
         if UNROLL == 1:
             acc = _w4a8_group(acc, x_ptr, w_ptr, tl.reshape(s, (BLOCK_N,)), rn, rm, n_ok,
                               m_ok, g, stride_xm, stride_wn, GROUP, BLOCK_N)
-        else:
+        elif UNROLL == 2:
             s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
             acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
                               stride_wn, GROUP, BLOCK_N)
             acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+        else:  # 4: group 2 a + b is [a, b] of (BN, 2, 2)
+            even, odd = tl.split(tl.reshape(tl.permute(s, (1, 0)), (BLOCK_N, 2, 2)))
+            s0, s2 = tl.split(even)  # (BN,) each
+            s1, s3 = tl.split(odd)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s2, rn, rm, n_ok, m_ok, g + 2, stride_xm,
+                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_group(acc, x_ptr, w_ptr, s3, rn, rm, n_ok, m_ok, g + 3, stride_xm,
                               stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     store_tile(y_ptr + pid_k * stride_ys, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym,
@@ -170,15 +182,20 @@ def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
     """The kernel's configuration for ``m`` rows of an ``(N, K)`` weight.
 
     From ``python3 -m bench.gpu_probe w4a8-tiles`` on the H200 (every 8B product
-    at 32, 64, 384, 512 and 3 072 rows; docs/decisions.md, session 6): two groups
-    per iteration and 3 stages throughout; up to 64 rows one tile of rows and 64
-    weight rows per program (the tensor core's M), split-K only where N alone
-    gives 64 column tiles (4, or 8 for K >= 8 192 at <= 32 rows); up to 384 rows
-    64 x 64 tiles; above, 128 x 64 (the LM head 128 x 128 over 8 warps).
+    at 32, 64, 384, 512 and 3 072 rows; docs/decisions.md, sessions 6 and 8): two
+    groups per iteration and 3 stages, except at <= 32 rows for 16K-64K weight rows
+    (4 stages: gate/up, 18.4 against 21.3 µs) and up to 16K unsplit (four groups:
+    q/k/v, 11.9 against 12.9 µs); up to 64 rows one tile of rows and 64 weight rows
+    per program (the tensor core's M), split-K only where N alone gives 64 column
+    tiles (4, or 8 for K >= 8 192 at <= 32 rows); up to 384 rows 64 x 64 tiles;
+    above, 128 x 64 (the LM head 128 x 128 over 8 warps).
     """
     if m <= 64:
         split = 1 if N > 64 * 64 else 8 if K >= 8192 and m <= 32 else 4
-        return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, 3, split, 2)
+        few = m <= 32 and split == 1
+        stages = 4 if few and 16384 < N < 65536 else 3
+        unroll = 4 if few and N <= 16384 else 2
+        return W4A8Config(max(16, triton.next_power_of_2(m)), 64, 4, stages, split, unroll)
     if m <= 384 and N < 65536:
         return W4A8Config(64, 64, 4, 3, 1, 2)
     return W4A8Config(128, 128, 8, 3, 1, 2) if N >= 65536 and m > 384 else \
@@ -209,7 +226,7 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     q = q.contiguous()
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
-        split, unroll = (split // 2, unroll) if split > 1 else (1, 1)
+        split, unroll = (split // 2, unroll) if split > 1 else (1, unroll // 2)
     y = split_k_output(M, N, split, dtype, q.device, partials)  # (M, N) or (S, M, N)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _w4a8_kernel[grid](q, x_scale, packed, scales, y, M, N, K, q.stride(0), packed.stride(0),
