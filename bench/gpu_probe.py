@@ -9,6 +9,8 @@ the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 on every product of the 8B shape (int4 groups of ``group``, default 128), timed
 the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
+``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend.
+
 ``python3 -m bench.gpu_probe variants``: the W4A8 fast path's graphed wall times with
 programmatic dependent launch off and on (:mod:`ruvdllm.kernels.pdl`), and split-K
 terms summed by the norm kernels or with atomics (``ruvdllm.model.SPLIT_K_PARTIALS``),
@@ -125,6 +127,28 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072))
         torch.cuda.empty_cache()
 
 
+def sdpa_rows() -> None:
+    """Print µs per attention of the 8B shape (32 heads of 128 over 384 keys) by SDPA
+    backend, at a cached step's 32 and 64 queries and the first step's 384, B = 1 and 8;
+    each call reads its own copy of the keys and values, as a step's 32 layers do."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, hd, L = LLADA_8B.n_heads, LLADA_8B.head_dim, 384
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for B in (1, 8):
+        kvs = [tuple(torch.randn(B, H, L, hd, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(2)) for _ in range(16)]
+        for T in (32, 64, 384):
+            q = torch.randn(B, T, H, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            times = {}
+            for name, backend in backends.items():
+                with sdpa_kernel(backend):
+                    times[name] = round(graph_us([partial(F.scaled_dot_product_attention,
+                                                          q, k, v) for k, v in kvs]), 1)
+            print(f"sdpa B={B} T={T}", json.dumps(times), flush=True)
+
+
 def _kernel_table(fn: Callable[[], object], label: str, top: int = 14) -> None:
     fn()
     torch.cuda.synchronize()
@@ -174,12 +198,12 @@ def profile(quant: str) -> None:
 
 
 def launch_variants() -> None:
-    """Graphed wall time of each schedule, W4A8, in one process, with programmatic
-    dependent launch, split-K terms left to the norm kernels (16 warps for their sum)
-    and the product tiles of session 8 each against what came before; the flags
-    ``ruvdllm.kernels.pdl.ENABLED``, ``ruvdllm.model.SPLIT_K_PARTIALS``,
-    ``ruvdllm.kernels.elementwise.PARTS_WARPS`` and
-    :func:`ruvdllm.kernels.w4a8.w4a8_config` come from this."""
+    """Graphed wall time of each schedule, W4A8, in one process: the product tiles of
+    session 8 against session 7's, and SDPA's backends in another order (PDL and split-K
+    terms summed by the 16-warp norm throughout; sessions 5-7 timed those against plain
+    launches). :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from ruvdllm import model as model_flags
     from ruvdllm.kernels import elementwise, pdl, w4a8
 
@@ -193,17 +217,24 @@ def launch_variants() -> None:
     def session7(m: int, N: int, K: int) -> w4a8.W4A8Config:  # 3 stages, 2 groups
         return tiles(m, N, K)._replace(stages=3, unroll=2)
 
-    variants = (("plain, session 7 tiles", False, False, 4, session7),
-                ("pdl + partials, norm 16 warps, session 7 tiles", True, True, 16, session7),
-                ("pdl + partials, norm 16 warps, session 8 tiles", True, True, 16, tiles))
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # SDPA's own on the H200
+    variants = (("pdl + partials, norm 16 warps, session 7 tiles", True, True, 16, session7,
+                 order),
+                ("pdl + partials, norm 16 warps, session 8 tiles", True, True, 16, tiles, order),
+                ("session 8, flash attention first", True, True, 16, tiles,
+                 [order[1], order[0], *order[2:]]),
+                ("session 8, efficient attention first", True, True, 16, tiles,
+                 [order[2], *order[:2], order[3]]))
     try:
         for _ in range(2):  # twice, to see the drift between variants
-            for name, on, partials, warps, choice in variants:
+            for name, on, partials, warps, choice, backends in variants:
                 pdl.ENABLED, model_flags.SPLIT_K_PARTIALS = on, partials
                 elementwise.PARTS_WARPS, w4a8.w4a8_config = warps, choice
                 sampler = FastSampler(model)
-                walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
-                         for label, prompts, cfg in schedules}
+                with sdpa_kernel(backends, set_priority=True):  # graphs capture the choice
+                    walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)),
+                                          2) for label, prompts, cfg in schedules}
                 print(f"w4a8 {name}:", json.dumps(walls), flush=True)
                 del sampler
                 torch.cuda.empty_cache()
@@ -225,12 +256,14 @@ def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
 
 if __name__ == "__main__":
     usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
-             "variants | profile [bf16|w4|fp8|w4a8 ...]")
-    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "variants",
-                                                 "profile"):
+             "sdpa | variants | profile [bf16|w4|fp8|w4a8 ...]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "sdpa",
+                                                 "variants", "profile"):
         sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
+    elif sys.argv[1] == "sdpa":
+        sdpa_rows()
     elif sys.argv[1] == "variants":
         launch_variants()
     elif sys.argv[1] == "w4a8-tiles":
