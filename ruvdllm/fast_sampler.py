@@ -21,7 +21,9 @@ threshold), organised so that a step is a fixed sequence of kernels:
   graph per block, their query length differs);
 * committing (top-k by confidence, threshold, EOS bookkeeping) is tensor
   arithmetic on the device: no ``.item()``, no ``nonzero`` inside a step;
-* logits are computed for the block's rows only;
+* logits are computed for the block's rows only, and with 16-bit logits the greedy
+  token and its probability come from one read of them
+  (:func:`~ruvdllm.kernels.confidence.greedy_confidence`);
 * on CUDA each block computes q/k/v and gate/up as one product each
   (:meth:`~ruvdllm.model.DiffusionLM.fuse_projections`);
 * on CUDA each distinct step is captured once as a graph (:mod:`ruvdllm.cuda_graph`)
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ruvdllm.cuda_graph import GraphSteps
-from ruvdllm.model import DiffusionLM, StaticKV
+from ruvdllm.model import DiffusionLM, StaticKV, fused_kernels
 from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig, SamplerError, left_pad
 
 # full: every slot; dual: the block; prefix: the block and all after it;
@@ -226,10 +228,16 @@ class FastSampler:
         tokens = plan.x.index_select(1, block)  # (B, Tb)
         masked = tokens == mask_id
         logits = logits[..., : mcfg.vocab_size]  # (B, Tb, V)
-        pred = logits.argmax(-1)  # (B, Tb)
-        probs = F.softmax(logits.float(), dim=-1)
-        current = torch.where(masked, pred, tokens)
-        confidence = probs.gather(-1, current[..., None]).squeeze(-1)  # (B, Tb)
+        if fused_kernels(logits):  # 16-bit CUDA: one read of the logits
+            from ruvdllm.kernels.confidence import greedy_confidence  # Triton: CUDA only
+
+            # only masked positions' confidence counts, and there the token is pred
+            pred, confidence = greedy_confidence(logits)  # (B, Tb) each
+        else:  # the reference's arithmetic (float32 runs emit its tokens exactly)
+            pred = logits.argmax(-1)  # (B, Tb)
+            probs = F.softmax(logits.float(), dim=-1)
+            current = torch.where(masked, pred, tokens)
+            confidence = probs.gather(-1, current[..., None]).squeeze(-1)  # (B, Tb)
         k = (masked.sum(1) + plan.steps_left - 1) // plan.steps_left  # (B,)
         score = torch.where(masked, confidence.double(), -torch.inf)  # (B, Tb)
         # Rank of each position in a stable descending sort, without a sort kernel:

@@ -35,7 +35,7 @@ FUSED_PROJECTIONS = True
 SPLIT_K_PARTIALS = True
 
 
-def _fused(x: Tensor) -> bool:
+def fused_kernels(x: Tensor) -> bool:
     """Fused kernels serve 16-bit CUDA tensors outside autograd (they have no backward)."""
     return (FUSED_KERNELS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and not torch.is_grad_enabled())
@@ -101,7 +101,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fused(x) and self.weight.dtype == x.dtype:
+        if fused_kernels(x) and self.weight.dtype == x.dtype:
             from ruvdllm.kernels.elementwise import rms_norm  # Triton: CUDA only
 
             return rms_norm(x, self.weight, self.eps)
@@ -122,7 +122,7 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``(B, H, T, hd)``: halves layout, as LLaDA/Llama."""
-    if _fused(x):
+    if fused_kernels(x):
         from ruvdllm.kernels.elementwise import rope  # Triton: CUDA only
 
         return rope(x, cos, sin)
@@ -133,7 +133,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up``, the gated MLP activation of Llama/LLaDA (Shazeer 2020)."""
-    if _fused(up) and gate.dtype == up.dtype:
+    if fused_kernels(up) and gate.dtype == up.dtype:
         from ruvdllm.kernels.elementwise import swiglu as fused
 
         return fused(gate, up)
@@ -282,7 +282,7 @@ class Block(nn.Module):
             h = self.ff_norm(x)
             return x, self.dropout(self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h))))
         x, gate_up = self._norm_then(self.ff_norm, x, fused.linear, update)  # (B, T, 2F)
-        if not _fused(gate_up):
+        if not fused_kernels(gate_up):
             return x, self.dropout(self.ff_out(swiglu(*gate_up.split(fused.sizes, dim=-1))))
         from ruvdllm.kernels.elementwise import (
             swiglu_halves,
@@ -310,7 +310,7 @@ class Block(nn.Module):
         """
         from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
 
-        if _fused(x) and norm.weight.dtype == x.dtype:
+        if fused_kernels(x) and norm.weight.dtype == x.dtype:
             from ruvdllm.kernels.elementwise import add_rms_norm, add_rms_norm_int8
 
             if isinstance(linear, W4A8Linear):
@@ -352,7 +352,7 @@ class Block(nn.Module):
         about slot order.
         """
         fused = self._fused_for("qkv")
-        if fused is not None and _fused(x):  # one kernel: RoPE and the two slot writes
+        if fused is not None and fused_kernels(x):  # one kernel: RoPE and the two slot writes
             from ruvdllm.kernels.elementwise import rope_qkv_into  # Triton: CUDA only
 
             x, qkv = self._norm_then(self.attn_norm, x, fused.linear, pending)
@@ -364,7 +364,7 @@ class Block(nn.Module):
             values.index_copy_(2, index, v)
         # in eval the norm kernels sum split-K terms (dropout would treat each apart)
         return self._attend_and_mlp(x, q, keys, values, attn_mask,
-                                    partials=SPLIT_K_PARTIALS and _fused(x)
+                                    partials=SPLIT_K_PARTIALS and fused_kernels(x)
                                     and not self.training)
 
 

@@ -399,3 +399,23 @@ def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
     finally:
         pdl.ENABLED = enabled
 
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B,T,V", [(1, 32, 126464), (2, 5, 512), (3, 7, 4097)])
+def test_greedy_confidence_is_argmax_and_its_softmax(dtype, B, T, V):
+    """One read of the logits gives torch's argmax (the first of equal maxima) and the
+    softmax probability there, rows strided as the fast path slices them."""
+    from ruvdllm.kernels.confidence import greedy_confidence
+
+    torch.manual_seed(V)
+    full = torch.randn(B, T, V + 64, device="cuda").mul_(4).to(dtype)
+    logits = full[..., :V]  # (B, T, V), the fast path's slice of the padded vocabulary
+    logits[0, 0, 3] = logits[0, 0, V - 2] = 100.0  # a tie across chunks
+    pred, prob = greedy_confidence(logits)
+    ref = logits.argmax(-1)
+    assert pred.shape == (B, T) and torch.equal(pred, ref) and pred[0, 0].item() == 3
+    probs = torch.softmax(logits.float(), dim=-1).gather(-1, ref[..., None])[..., 0]
+    assert prob.dtype == torch.float32
+    torch.testing.assert_close(prob, probs, rtol=1e-5, atol=1e-7)
