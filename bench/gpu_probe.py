@@ -12,9 +12,9 @@ the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 ``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend.
 
 ``python3 -m bench.gpu_probe variants``: the W4A8 fast path's graphed wall times with
-programmatic dependent launch off and on (:mod:`ruvdllm.kernels.pdl`), and split-K
-terms summed by the norm kernels or with atomics (``ruvdllm.model.SPLIT_K_PARTIALS``),
-in one process.
+session 7's product tiles and this code's, and with SDPA's backends in other orders, in
+one process (sessions 5-7 timed programmatic dependent launch and split-K terms summed
+by the norm kernels the same way: docs/decisions.md).
 
 ``python3 -m bench.gpu_probe profile [bf16|w4|fp8|w4a8 ...]``: the fast path's kernels
 under ``torch.profiler`` (graphs off, so each kernel is seen; their sum is within a
@@ -199,38 +199,32 @@ def profile(quant: str) -> None:
 
 def launch_variants() -> None:
     """Graphed wall time of each schedule, W4A8, in one process: the product tiles of
-    session 8 against session 7's, and SDPA's backends in another order (PDL and split-K
-    terms summed by the 16-warp norm throughout; sessions 5-7 timed those against plain
-    launches). :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this."""
+    session 8 against session 7's, and SDPA's backends in another order.
+    :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ruvdllm import model as model_flags
-    from ruvdllm.kernels import elementwise, pdl, w4a8
+    from ruvdllm.kernels import w4a8
 
     model = llada8b(torch.bfloat16)
     quantize_model(model, "w4a8", group_size=128, embedding=True)
     torch.cuda.empty_cache()
     schedules = _schedules()
     tiles = w4a8.w4a8_config
-    defaults = pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS
 
     def session7(m: int, N: int, K: int) -> w4a8.W4A8Config:  # 3 stages, 2 groups
         return tiles(m, N, K)._replace(stages=3, unroll=2)
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # SDPA's own on the H200
-    variants = (("pdl + partials, norm 16 warps, session 7 tiles", True, True, 16, session7,
-                 order),
-                ("pdl + partials, norm 16 warps, session 8 tiles", True, True, 16, tiles, order),
-                ("session 8, flash attention first", True, True, 16, tiles,
-                 [order[1], order[0], *order[2:]]),
-                ("session 8, efficient attention first", True, True, 16, tiles,
-                 [order[2], *order[:2], order[3]]))
+    cudnn, flash, efficient, math = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+    variants = (("session 7 tiles", session7, [cudnn, flash, efficient, math]),
+                ("session 8 tiles", tiles, [cudnn, flash, efficient, math]),  # SDPA's own
+                ("session 8, flash attention first", tiles, [flash, cudnn, efficient, math]),
+                ("session 8, efficient attention first", tiles,
+                 [efficient, cudnn, flash, math]))
     try:
         for _ in range(2):  # twice, to see the drift between variants
-            for name, on, partials, warps, choice, backends in variants:
-                pdl.ENABLED, model_flags.SPLIT_K_PARTIALS = on, partials
-                elementwise.PARTS_WARPS, w4a8.w4a8_config = warps, choice
+            for name, choice, backends in variants:
+                w4a8.w4a8_config = choice
                 sampler = FastSampler(model)
                 with sdpa_kernel(backends, set_priority=True):  # graphs capture the choice
                     walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)),
@@ -239,7 +233,6 @@ def launch_variants() -> None:
                 del sampler
                 torch.cuda.empty_cache()
     finally:
-        pdl.ENABLED, model_flags.SPLIT_K_PARTIALS, elementwise.PARTS_WARPS = defaults
         w4a8.w4a8_config = tiles
 
 

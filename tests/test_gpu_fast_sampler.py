@@ -400,7 +400,6 @@ def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
         pdl.ENABLED = enabled
 
 
-
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B,T,V", [(1, 32, 126464), (2, 5, 512), (3, 7, 4097)])

@@ -107,6 +107,17 @@ def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-
 
 
 @triton.jit
+def _w4a8_pair(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
+               stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc`` plus groups ``g`` and ``g + 1``, their scales the columns of ``s`` ``(BN, 2)``."""
+    s0, s1 = tl.split(s)  # (BN,) each
+    acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm, stride_wn,
+                      GROUP, BLOCK_N)
+    return _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
+                       stride_wn, GROUP, BLOCK_N)
+
+
+@triton.jit
 def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
                  stride_xm, stride_wn, stride_sg, stride_ym, stride_ys, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -144,23 +155,15 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
             acc = _w4a8_group(acc, x_ptr, w_ptr, tl.reshape(s, (BLOCK_N,)), rn, rm, n_ok,
                               m_ok, g, stride_xm, stride_wn, GROUP, BLOCK_N)
         elif UNROLL == 2:
-            s0, s1 = tl.split(tl.permute(s, (1, 0)))  # 2 x (BN,)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
-        else:  # 4: group 2 a + b is [a, b] of (BN, 2, 2)
-            even, odd = tl.split(tl.reshape(tl.permute(s, (1, 0)), (BLOCK_N, 2, 2)))
-            s0, s2 = tl.split(even)  # (BN,) each
-            s1, s3 = tl.split(odd)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s0, rn, rm, n_ok, m_ok, g, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s1, rn, rm, n_ok, m_ok, g + 1, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s2, rn, rm, n_ok, m_ok, g + 2, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
-            acc = _w4a8_group(acc, x_ptr, w_ptr, s3, rn, rm, n_ok, m_ok, g + 3, stride_xm,
-                              stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_pair(acc, x_ptr, w_ptr, tl.permute(s, (1, 0)), rn, rm, n_ok, m_ok, g,
+                             stride_xm, stride_wn, GROUP, BLOCK_N)
+        else:  # 4: (BN, 4) as (BN, b, a) with group 2 a + b, split into a = 0 and a = 1
+            lo, hi = tl.split(tl.permute(tl.reshape(tl.permute(s, (1, 0)), (BLOCK_N, 2, 2)),
+                                         (0, 2, 1)))  # (BN, 2) each
+            acc = _w4a8_pair(acc, x_ptr, w_ptr, lo, rn, rm, n_ok, m_ok, g, stride_xm,
+                             stride_wn, GROUP, BLOCK_N)
+            acc = _w4a8_pair(acc, x_ptr, w_ptr, hi, rn, rm, n_ok, m_ok, g + 2, stride_xm,
+                             stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     store_tile(y_ptr + pid_k * stride_ys, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym,
                SPLIT_K > 1 and not PARTIALS)
