@@ -102,8 +102,9 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072),
     large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
                                                               (128, 128, 8))
              for st, u in ((3, 1), (3, 2), (4, 2), (3, 4))]
-    # the CUDA kernel: 64 or 128 weight rows (one or two warpgroups), 2-4 stages ahead
-    mma = [MmaConfig(wg, 0, st, sk) for wg in (1, 2) for st in (4, 5, 6) for sk in (1, 2, 4, 8)]
+    # the CUDA kernel: 64 or 128 weight rows, the stage's K over 1, 2 or 4 warps
+    mma = [MmaConfig(wn, wk, 0, st, sk) for wn, wk in ((2, 2), (4, 1), (4, 2), (2, 4))
+           for st in (3, 4, 6) for sk in (1, 2, 4, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for N, K in SHAPES:
         lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -120,7 +121,7 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072),
                 cfgs += ([c._replace(block_m=max(16, 1 << (M - 1).bit_length())) for c in small]
                          if M <= 64 else large)
             if kernels != "triton" and M <= 384:
-                cfgs += [c._replace(block_m=16 if M <= 16 else 32 if M <= 32 else 64) for c in mma
+                cfgs += [c._replace(n_tiles=min(8, 2 * -(-M // 16))) for c in mma
                          if (K // 256) % c.split_k == 0]
             times = {"bf16": round(graph_us([partial(F.linear, x, w) for (w,) in bf16s]), 1),
                      "quantize": round(graph_us([partial(quantize_activations_int8, x)]), 1),

@@ -35,63 +35,68 @@ from ruvdllm.kernels.weight_only import split_k_output
 
 SOURCE = Path(__file__).with_name("w4a8_mma.cu")
 STAGE_K = 256  # K per pipeline stage (128 bytes of each weight row)
-PROBE_CA = 0
+PROBE = 0  # bench/mma_variants.py: 1 contiguous weight blocks, 2 no products, 4 no int8 rows
 _OUT = {torch.bfloat16: 0, torch.float16: 1}  # 2: float32 terms, 3: float32 atomics
 
 
 class MmaConfig(NamedTuple):
-    """A program: ``64 * warpgroups`` weight rows by ``block_m`` tokens (16, 32 or 64);
-    ``stages`` buffers (``stages - 2`` loaded ahead); K split over ``split_k`` programs."""
+    """A program: ``32 * warps_n`` weight rows by ``8 * n_tiles`` tokens, its stage's K
+    split over ``warps_k`` warps; ``stages`` in flight; K split over ``split_k`` programs."""
 
-    warpgroups: int
-    block_m: int
+    warps_n: int
+    warps_k: int
+    n_tiles: int
     stages: int
     split_k: int
 
     def shared_bytes(self, group: int) -> int:
-        """The stages, each 1 KB-aligned (the swizzle's unit), and 1 KB to align the first."""
-        rows = 64 * self.warpgroups
-        stage = rows * STAGE_K // 2 + self.block_m * STAGE_K + STAGE_K // group * rows * 2
-        return self.stages * -(-stage // 1024) * 1024 + 1024
+        """The pipeline's stages, or the K warps' sums at the end if more."""
+        rows = 32 * self.warps_n
+        stage = rows * STAGE_K // 2 + 8 * self.n_tiles * STAGE_K + STAGE_K // group * rows * 2
+        sums = (self.warps_k - 1) * self.warps_n * self.n_tiles * 1024
+        return max(self.stages * stage, sums)
 
 
 def mma_config(m: int, N: int, K: int) -> MmaConfig:
-    """The configuration for ``m`` rows of an ``(N, K)`` weight: 64 weight rows a
-    program, 5 stages, K split until there are about two programs a multiprocessor."""
-    tiles = -(-N // 64)
+    """The configuration for ``m <= 64`` rows of an ``(N, K)`` weight: 128 weight rows
+    over 4 x 2 warps, 4 stages, K split until there are about two programs a
+    multiprocessor (a product must keep about 30 KB of weights in flight per SM to
+    reach the memory's bandwidth)."""
+    tiles = -(-N // 128)
     split = 1
     while tiles * split * 2 <= 264 and (K // STAGE_K) % (split * 2) == 0 and split < 8:
         split *= 2
-    return MmaConfig(1, 16 if m <= 16 else 32 if m <= 32 else 64, 5, split)
+    return MmaConfig(4, 2, 2 * -(-min(m, 64) // 16), 4, split)
 
 
 def fits(q: Tensor, packed: Tensor, scales: Tensor) -> bool:
     """Whether the operands meet the kernel's alignment: K in whole stages, N a multiple
     of 8, 16-byte aligned rows and scale chunks, int8 rows contiguous."""
     K, N = q.shape[1], packed.shape[0]
-    return (K % STAGE_K == 0 and N % 8 == 0 and (K // scales.shape[0]) in (64, 128)
+    return (K % STAGE_K == 0 and N % 8 == 0 and (K // scales.shape[0]) in (32, 64, 128)
             and q.is_contiguous() and packed.is_contiguous() and scales.stride(1) == 1
             and scales.stride(0) % 8 == 0 and all(t.data_ptr() % 16 == 0
                                                   for t in (q, packed, scales)))
 
 
 @cache
-def _kernel(cfg: MmaConfig, group: int, out: int, device: int, ca: int = 0) -> Any:
-    name = f"w4a8_wgmma<{cfg.warpgroups}, {cfg.block_m}, {cfg.stages}, {group}, {out}, {ca}>"
-    with torch.cuda.device(device):  # wgmma: sm_90a code, for compute capability 9.0 only
-        kernel = torch.cuda._compile_kernel(SOURCE.read_text(), name, compute_capability="90a")
+def _kernel(cfg: MmaConfig, group: int, out: int, device: int, probe: int = 0) -> Any:
+    name = (f"w4a8_mma<{cfg.warps_n}, {cfg.warps_k}, {cfg.n_tiles}, {cfg.stages}, {group}, "
+            f"{out}, {probe}>")
+    with torch.cuda.device(device):
+        kernel = torch.cuda._compile_kernel(SOURCE.read_text(), name)
         kernel.set_shared_memory_config(cfg.shared_bytes(group))
     return kernel
 
 
 @cache
 def available(device: int) -> bool:
-    """Whether the GPU is a Hopper (compute capability 9.0: ``wgmma``) and NVRTC
-    compiles the kernel there; False falls back to the Triton kernel."""
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    """Whether NVRTC compiles the kernel here (compute capability 8.0+ for its
+    instructions); False falls back to the Triton kernel."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        _kernel(MmaConfig(1, 32, 5, 1), 128, 0, device)
+        _kernel(MmaConfig(4, 2, 4, 4, 1), 128, 0, device)
     except Exception as err:  # any compiler or driver failure: not on this machine
         warnings.warn(f"W4A8 products fall back to Triton: NVRTC failed ({err})",
                       stacklevel=2)
@@ -110,14 +115,14 @@ def w4a8_mma(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor, dtype: 
     if not fits(q, packed, scales) or (K // STAGE_K) % cfg.split_k:
         raise ValueError(f"w4a8_mma: int8 rows {tuple(q.shape)}, weight {tuple(packed.shape)} "
                          f"and scales {tuple(scales.shape)} need K in {cfg.split_k} slices of "
-                         f"{STAGE_K}, groups of 64 or 128, N a multiple of 8 and 16-byte "
-                         "aligned rows")
+                         f"{STAGE_K}, N a multiple of 8 and 16-byte aligned rows")
     split = cfg.split_k
     y = split_k_output(M, N, split, dtype, q.device, partials)  # (M, N) or (S, M, N)
     out = _OUT[dtype] if split == 1 else 2 if partials else 3
-    grid = (-(-M // cfg.block_m), split, -(-N // (64 * cfg.warpgroups)))
-    _kernel(cfg, group, out, q.device.index or 0, PROBE_CA)(
-        grid=grid, block=(128 * cfg.warpgroups, 1, 1),
+    bm = 8 * cfg.n_tiles
+    grid = (-(-N // (32 * cfg.warps_n)), split, -(-M // bm))
+    _kernel(cfg, group, out, q.device.index or 0, PROBE)(
+        grid=grid, block=(32 * cfg.warps_n * cfg.warps_k, 1, 1),
         args=[q, x_scale, packed, scales, y, M, N, K, scales.stride(0)],
         shared_mem=cfg.shared_bytes(group))
     return y if partials or split == 1 else y.to(dtype)
