@@ -5,10 +5,9 @@ cuBLAS against ``torch._scaled_mm`` with one scale per tensor (cuBLAS) and with 
 scales (CUTLASS), fast accumulation or not, timed with :func:`bench.gpu.graph_us`;
 the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 
-``python3 -m bench.gpu_probe w4a8-tiles [group [rows,... [all|triton|mma]]]``: every W4A8
-configuration of the Triton kernel and the CUDA C++ one on every product of the 8B shape
-(int4 groups of ``group``, default 128), timed the same way; the kernels' configuration
-choices come from this table.
+``python3 -m bench.gpu_probe w4a8-tiles [group [rows,...]]``: every W4A8 tile configuration
+on every product of the 8B shape (int4 groups of ``group``, default 128), timed
+the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
 ``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend.
 
@@ -82,29 +81,23 @@ def scaled_mm_rows() -> None:
             print(f"N={N} K={K} M={M}", json.dumps(times), flush=True)
 
 
-def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072),
-                   kernels: str = "all") -> None:
-    """Print µs per W4A8 product (quantized input given) for each configuration of the
-    Triton kernel and, up to 384 rows, of the CUDA C++ one (``kernels``: ``all``,
-    ``triton`` or ``mma``), at the rows of a step; :func:`ruvdllm.kernels.w4a8.w4a8_config`,
-    :func:`ruvdllm.kernels.w4a8_mma.mma_config` and ``MMA_ROWS`` come from this table."""
+def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072)) -> None:
+    """Print µs per W4A8 product (quantized input given) for each tile configuration,
+    at the rows of a step; the choice in :func:`ruvdllm.kernels.w4a8.w4a8_config`
+    comes from this table."""
     from triton.runtime.errors import OutOfResources
 
     from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_config, w4a8_matmul
-    from ruvdllm.kernels.w4a8_mma import MmaConfig, mma_config
 
     # up to 64 rows: weight rows per program and warps (one or two warpgroups' wgmma;
-    # mma.sync tiles, 16-32 rows over 1-4 warps, were 1.3-4x slower in Triton: session 7),
-    # K split, two groups per iteration over 3 or 4 stages, or four over 3 (four over 2:
-    # slower, session 8)
+    # mma.sync tiles, 16-32 rows over 1-4 warps, were 1.3-4x slower: session 7), K split,
+    # two groups per iteration over 3 or 4 stages, or four over 3 (four over 2: slower,
+    # session 8)
     small = [W4A8Config(0, bn, w, st, sk, u) for bn, w in ((64, 4), (128, 8))
              for sk in (1, 2, 4, 8) for st, u in ((3, 2), (4, 2), (3, 4))]
     large = [W4A8Config(bm, bn, w, st, 1, u) for bm, bn, w in ((64, 64, 4), (128, 64, 4),
                                                               (128, 128, 8))
              for st, u in ((3, 1), (3, 2), (4, 2), (3, 4))]
-    # the CUDA kernel: 64 or 128 weight rows, the stage's K over 1, 2 or 4 warps
-    mma = [MmaConfig(wn, wk, 0, st, sk) for wn, wk in ((2, 2), (4, 1), (4, 2), (2, 4))
-           for st in (3, 4, 6) for sk in (1, 2, 4, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for N, K in SHAPES:
         lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -116,30 +109,19 @@ def w4a8_tile_rows(group: int, rows: tuple[int, ...] = (32, 64, 384, 512, 3072),
                 continue
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             xq, xs = quantize_activations_int8(x)
-            cfgs: list[W4A8Config | MmaConfig] = []
-            if kernels != "mma":
-                cfgs += ([c._replace(block_m=max(16, 1 << (M - 1).bit_length())) for c in small]
-                         if M <= 64 else large)
-            if kernels != "triton" and M <= 384:
-                cfgs += [c._replace(n_tiles=min(8, 2 * -(-M // 16))) for c in mma
-                         if (K // 256) % c.split_k == 0]
+            cfgs = ([c._replace(block_m=max(16, 1 << (M - 1).bit_length())) for c in small]
+                    if M <= 64 else large)
             times = {"bf16": round(graph_us([partial(F.linear, x, w) for (w,) in bf16s]), 1),
                      "quantize": round(graph_us([partial(quantize_activations_int8, x)]), 1),
-                     "chosen": round(graph_us(
-                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype) for p, s in copies]), 1),
-                     f"triton {tuple(w4a8_config(M, N, K))}": round(graph_us(
-                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype, w4a8_config(M, N, K))
-                          for p, s in copies]), 1),
-                     f"mma {tuple(mma_config(M, N, K))}": round(graph_us(
-                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype, mma_config(M, N, K))
-                          for p, s in copies]), 1)}
+                     f"chosen {tuple(w4a8_config(M, N, K))}": round(graph_us(
+                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype) for p, s in copies]), 1)}
             for c in cfgs:
                 try:
-                    times[f"{type(c).__name__[:3]} {tuple(c)}"] = round(graph_us(
+                    times[str(tuple(c))] = round(graph_us(
                         [partial(w4a8_matmul, xq, xs, p, s, x.dtype, c) for p, s in copies]), 1)
-                except (OutOfResources, RuntimeError):  # more shared memory than the GPU has
-                    times[f"{type(c).__name__[:3]} {tuple(c)}"] = float("inf")
-            best = min((k for k in times if k[:3] in ("W4A", "Mma")), key=lambda k: times[k])
+                except OutOfResources:  # more shared memory than the GPU has
+                    times[str(tuple(c))] = float("inf")
+            best = min((k for k in times if k.startswith("(")), key=lambda k: times[k])
             print(f"N={N} K={K} M={M} best {best} {times[best]}", json.dumps(times), flush=True)
         del lin, q, copies, bf16s
         torch.cuda.empty_cache()
@@ -266,8 +248,7 @@ def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
 
 
 if __name__ == "__main__":
-    usage = ("usage: python3 -m bench.gpu_probe scaled-mm | "
-             "w4a8-tiles [group [rows,... [all|triton|mma]]] | "
+    usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
              "sdpa | variants | profile [bf16|w4|fp8|w4a8 ...]")
     if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "sdpa",
                                                  "variants", "profile"):
@@ -280,9 +261,10 @@ if __name__ == "__main__":
         launch_variants()
     elif sys.argv[1] == "w4a8-tiles":
         group = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-        rows = tuple(int(m) for m in sys.argv[3].split(",")) if len(sys.argv) > 3 else \
-            (32, 64, 384, 512, 3072)  # rows, comma-separated
-        w4a8_tile_rows(group, rows, sys.argv[4] if len(sys.argv) > 4 else "all")
+        if len(sys.argv) > 3:  # rows, comma-separated
+            w4a8_tile_rows(group, tuple(int(m) for m in sys.argv[3].split(",")))
+        else:
+            w4a8_tile_rows(group)
     else:
         for q in sys.argv[2:] or ["bf16"]:
             if q not in ("bf16", "w4", "fp8", "w4a8"):

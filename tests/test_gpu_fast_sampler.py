@@ -322,39 +322,6 @@ def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
 
 
 @cuda
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("M,N,K", [(32, 256, 512), (5, 96, 256), (64, 320, 1024),
-                                   (17, 136, 768), (100, 512, 512)])
-def test_w4a8_mma_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
-    """The CUDA C++ kernel: every warp arrangement, token tiles (one or several programs
-    of rows), stages and K splits; bf16, fp16, split-K terms and atomics."""
-    from ruvdllm.kernels.w4a8 import w4a8_matmul
-    from ruvdllm.kernels.w4a8_mma import MmaConfig, available, fits
-
-    assert available(0)
-    torch.manual_seed(M + N + group)
-    q = W4A8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"), group)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    x[0, 0] = 30.0  # a row with an outlier
-    qx, sx = quantize_activations_int8(x)
-    assert fits(qx, q.weight, q.scales)
-    ref = (qx.double() * sx.double()[:, None]) @ q.dequantize(torch.float64).t()
-    configs = [MmaConfig(4, 2, 4, 4, 1), MmaConfig(2, 2, 2, 3, 2), MmaConfig(4, 1, 8, 4, 1),
-               MmaConfig(2, 4, 6, 2, 1), MmaConfig(1, 2, 2, 3, 1)]
-    configs += [c._replace(split_k=K // 256) for c in configs[:2]]
-    for cfg in configs:
-        for dtype in (torch.bfloat16, torch.float16):
-            y = w4a8_matmul(qx, sx, q.weight, q.scales, dtype, cfg)
-            assert y.dtype == dtype and y.shape == (M, N)
-            assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3, cfg
-        parts = w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, cfg, partials=True)
-        assert parts.shape == (cfg.split_k, M, N)
-        assert ((parts.double().sum(0) - ref).norm() / ref.norm()).item() < 4e-3, cfg
-    with pytest.raises(ValueError, match="in 5 slices of 256"):  # K is 1-4 stages
-        w4a8_matmul(qx, sx, q.weight, q.scales, torch.bfloat16, configs[0]._replace(split_k=5))
-
-
-@cuda
 def test_fused_int8_quantization_is_the_kernel_output_quantized():
     """The norm and SwiGLU kernels' int8 outputs are their 16-bit outputs, quantized."""
     from ruvdllm.kernels.elementwise import (

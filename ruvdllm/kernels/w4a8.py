@@ -41,7 +41,6 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from ruvdllm.kernels.pdl import pdl_args, wait_inputs
-from ruvdllm.kernels.w4a8_mma import MmaConfig, available, fits, w4a8_mma
 from ruvdllm.kernels.weight_only import split_k_output, store_tile
 
 
@@ -170,9 +169,6 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
                SPLIT_K > 1 and not PARTIALS)
 
 
-MMA_ROWS = 64  # rows up to which the CUDA C++ kernel runs (docs/decisions.md, session 9)
-
-
 class W4A8Config(NamedTuple):
     """Tiles of the W4A8 kernel: rows (x), columns (weight); launch shape; groups per
     iteration."""
@@ -210,7 +206,7 @@ def w4a8_config(m: int, N: int, K: int) -> W4A8Config:
 
 
 def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
-                dtype: torch.dtype, cfg: W4A8Config | MmaConfig | None = None,
+                dtype: torch.dtype, cfg: W4A8Config | None = None,
                 partials: bool = False) -> Tensor:
     """``(q * x_scale) Wᵀ`` as ``(M, N)`` of ``dtype``; with ``partials``, as the terms
     ``(S, M, N)`` whose sum it is: float32 sums over each of the S slices of a split K
@@ -222,10 +218,6 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     Partials are for a reader that adds the product to something anyway (the residual
     sum of :func:`ruvdllm.kernels.elementwise.add_rms_norm_int8`): a split K then needs
     no zeroed output, no atomics and no conversion kernel, and the sum is in a fixed order.
-
-    Up to :data:`MMA_ROWS` rows the CUDA C++ kernel of :mod:`ruvdllm.kernels.w4a8_mma`
-    runs where it compiles and the operands fit it (or when ``cfg`` is an
-    :class:`MmaConfig`); otherwise this module's Triton kernel.
     """
     M, K = q.shape
     N = packed.shape[0]
@@ -235,9 +227,6 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
         raise ValueError(f"w4a8_matmul: weight {tuple(packed.shape)} and scales "
                          f"{tuple(scales.shape)} do not fit K={K} in groups of 32 or more")
     q = q.contiguous()
-    if isinstance(cfg, MmaConfig) or (cfg is None and M <= MMA_ROWS and fits(q, packed, scales)
-                                      and available(q.device.index or 0)):
-        return w4a8_mma(q, x_scale, packed, scales, dtype, cfg, partials)
     bm, bn, warps, stages, split, unroll = cfg or w4a8_config(M, N, K)
     while (K // group) % (split * unroll):
         split, unroll = (split // 2, unroll) if split > 1 else (1, unroll // 2)
