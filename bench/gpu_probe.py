@@ -11,6 +11,10 @@ the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
 ``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend.
 
+``python3 -m bench.gpu_probe variants fp8``: the fp8 fast path's graphed wall times with
+float8 inputs quantized per row by their producers from 512 rows, and with one scale per
+tensor, in one process.
+
 ``python3 -m bench.gpu_probe variants``: the W4A8 fast path's graphed wall times with
 session 7's product tiles and this code's, and with SDPA's backends in other orders, in
 one process (sessions 5-7 timed programmatic dependent launch and split-K terms summed
@@ -236,6 +240,33 @@ def launch_variants() -> None:
         w4a8.w4a8_config = tiles
 
 
+def fp8_variants() -> None:
+    """Graphed wall time of 8 steps at B=8 and B=1, fp8, in one process: inputs quantized
+    per row by the kernels that write them from :data:`ruvdllm.quant.FP8_ROWS` rows (this
+    code) against one scale per tensor at every size (a reduction or the producer's row
+    maxima, then a quantization kernel: session 8's products but for the 3 072-row ones,
+    which ran row-scaled with the tensor's scale broadcast)."""
+    from ruvdllm import quant
+
+    model = llada8b(torch.bfloat16)
+    quantize_model(model, "fp8")
+    torch.cuda.empty_cache()
+    schedules = _schedules()[1::-1]  # B=8 first; 64 steps has 32-64 rows: unchanged
+    rows = quant.FP8_ROWS
+    try:
+        for _ in range(2):  # twice, to see the drift between variants
+            for name, threshold in (("rows from 512", rows), ("one scale per tensor", 1 << 62)):
+                quant.FP8_ROWS = threshold
+                sampler = FastSampler(model)
+                walls = {label: round(_wall_ms(partial(sampler.generate, prompts, cfg)), 2)
+                         for label, prompts, cfg in schedules}
+                print(f"fp8 {name}:", json.dumps(walls), flush=True)
+                del sampler
+                torch.cuda.empty_cache()
+    finally:
+        quant.FP8_ROWS = rows
+
+
 def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
     """The profile's three runs: 8 steps at B=1 and B=8, 64 steps with threshold at B=1."""
     one = random_prompts(1, 128, LLADA_8B.vocab_size)
@@ -249,7 +280,7 @@ def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
 
 if __name__ == "__main__":
     usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
-             "sdpa | variants | profile [bf16|w4|fp8|w4a8 ...]")
+             "sdpa | variants [fp8] | profile [bf16|w4|fp8|w4a8 ...]")
     if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "sdpa",
                                                  "variants", "profile"):
         sys.exit(usage)
@@ -258,7 +289,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "sdpa":
         sdpa_rows()
     elif sys.argv[1] == "variants":
-        launch_variants()
+        fp8_variants() if sys.argv[2:] == ["fp8"] else launch_variants()
     elif sys.argv[1] == "w4a8-tiles":
         group = int(sys.argv[2]) if len(sys.argv) > 2 else 128
         if len(sys.argv) > 3:  # rows, comma-separated

@@ -142,7 +142,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 def settle(term: Tensor, like: Tensor) -> Tensor:
     """A residual term in ``like``'s shape: split-K partials ``(S, *like.shape)`` (a W4A8
-    product's, :meth:`ruvdllm.quant.W4A8Linear.forward_int8`) summed in float32 and
+    product's, :meth:`ruvdllm.quant.W4A8Linear.forward_rows`) summed in float32 and
     rounded to ``like``'s dtype, as the fused norm kernel sums them; other terms as they are."""
     return term.float().sum(0).to(like.dtype) if term.dim() == like.dim() + 1 else term
 
@@ -266,7 +266,7 @@ class Block(nn.Module):
         (inference; the caller passes ``u`` to a norm kernel or to :func:`settle`) the
         W4A8 output and MLP products leave a split K's terms to the norm kernels.
         """
-        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
+        from ruvdllm.quant import Fp8Linear, W4A8Linear  # quant imports this module
 
         B, T, _ = x.shape
         H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
@@ -287,18 +287,22 @@ class Block(nn.Module):
         from ruvdllm.kernels.elementwise import (
             swiglu_halves,
             swiglu_halves_amax,
-            swiglu_halves_int8,
+            swiglu_halves_rows,
         )
 
-        if isinstance(self.ff_out, Fp8Linear):  # the chunk maxima spare its input reduction
+        out = self.ff_out
+        if isinstance(out, Fp8Linear) and out.takes_rows(gate_up):  # quantized by SwiGLU
+            q, scale = swiglu_halves_rows(gate_up, fp8=True)  # (B T, F)
+            return x, self.dropout(out.forward_rows(q, scale, (B, T), x.dtype))
+        if isinstance(out, Fp8Linear):  # the chunk maxima spare its input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
-            return x, self.dropout(self.ff_out(act, amax=amax))
-        if isinstance(self.ff_out, W4A8Linear):  # quantized by the SwiGLU kernel itself
-            q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)  # (B T, F)
+            return x, self.dropout(out(act, amax=amax))
+        if isinstance(out, W4A8Linear):  # quantized by the SwiGLU kernel itself
+            q, scale = swiglu_halves_rows(gate_up)  # (B T, F) int8
             if partials:
-                return x, self.ff_out.forward_int8(q, scale, (B, T), x.dtype, partials=True)
-            return x, self.dropout(self.ff_out.forward_int8(q, scale, (B, T), x.dtype))
-        return x, self.dropout(self.ff_out(swiglu_halves(gate_up)))
+                return x, out.forward_rows(q, scale, (B, T), x.dtype, partials=True)
+            return x, self.dropout(out.forward_rows(q, scale, (B, T), x.dtype))
+        return x, self.dropout(out(swiglu_halves(gate_up)))
 
     def _norm_then(self, norm: RMSNorm, x: Tensor, linear: nn.Module,
                    residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -308,14 +312,16 @@ class Block(nn.Module):
         hands a float8 linear its input's row maxima, or a W4A8 linear its input
         quantized per row.
         """
-        from ruvdllm.quant import ACT_FLOOR, Fp8Linear, W4A8Linear  # quant imports this module
+        from ruvdllm.quant import Fp8Linear, W4A8Linear  # quant imports this module
 
         if fused_kernels(x) and norm.weight.dtype == x.dtype:
-            from ruvdllm.kernels.elementwise import add_rms_norm, add_rms_norm_int8
+            from ruvdllm.kernels.elementwise import add_rms_norm, add_rms_norm_rows
 
-            if isinstance(linear, W4A8Linear):
-                x, q, scale = add_rms_norm_int8(x, residual, norm.weight, norm.eps, ACT_FLOOR)
-                return x, linear.forward_int8(q, scale, x.shape[:-1], x.dtype)
+            if isinstance(linear, W4A8Linear) or (isinstance(linear, Fp8Linear)
+                                                  and linear.takes_rows(x)):
+                x, q, scale = add_rms_norm_rows(x, residual, norm.weight, norm.eps,
+                                                fp8=isinstance(linear, Fp8Linear))
+                return x, linear.forward_rows(q, scale, x.shape[:-1], x.dtype)
             fp8 = isinstance(linear, Fp8Linear)
             x, h, amax = add_rms_norm(x, residual, norm.weight, norm.eps, amax=fp8)
             return x, cast(Tensor, linear(h, amax=amax) if fp8 else linear(h))

@@ -340,11 +340,15 @@ class Int4Linear(QuantizedLinear):
 
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-# From this many rows the row-scaled float8 product (CUTLASS; bfloat16 output only) is as
-# fast as cuBLAS's per-tensor one or faster (H200, a layer's four 8B products at 3 072
-# rows: 937 vs 1 047 us in one run, 965 vs 976 in another); at a cached step's 32-64
-# rows per-tensor is 1.2-2.4x faster (bench/gpu_probe.py). Same scales either way.
-_FP8_ROWWISE_MIN_ROWS = 1024
+FP8_FLOOR = _TINY  # the smallest maximum a float8 activation scale is taken from
+# From this many rows (16-bit inputs on CUDA) a float8 product's input has one scale per
+# row, quantized by the kernel that writes it (:meth:`Fp8Linear.takes_rows`), and the
+# product is CUTLASS's row-scaled one. At 512 rows it is as fast as cuBLAS's per-tensor
+# one (a layer's four 8B products 166.8 against 166.0 us; 3 072 rows: 975 against 964),
+# and it needs no maximum over the tensor: no reduction and no quantization kernel. At
+# 256 rows it is 21 % slower (118.6 against 97.8 us), at 32-64 rows 1.2-2.4x
+# (`python3 -m bench.gpu_probe scaled-mm`, H200; docs/decisions.md, session 9).
+FP8_ROWS = 512
 
 
 def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,27 +378,56 @@ def quantize_fp8_activations(x: Tensor, amax: Tensor | None = None) -> tuple[Ten
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+def quantize_fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q float8_e4m3fn (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``:
+    one scale per row, ``max |x[m]| -> 448``. On CUDA one Triton kernel, bit-identical to
+    this torch code (:mod:`ruvdllm.kernels.rowquant`)."""
+    if x.is_cuda:
+        from ruvdllm.kernels.rowquant import quantize_rows  # Triton: CUDA only
+
+        return quantize_rows(x.contiguous(), fp8=True)
+    scale = x.detach().float().abs().amax(dim=-1).clamp(min=FP8_FLOOR) / FP8_MAX  # (M,)
+    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _fp8_on_tensor_cores(x: Tensor, K: int, N: int) -> bool:
+    # cuBLAS and CUTLASS need dimensions in multiples of 16; on the CPU the product runs
+    # in float32 (float8 values and their products are exact there): torch's CPU float8
+    # product measured 190x slower (256 x 384 x 1 024: 7.35 s against 0.039 s)
+    return x.is_cuda and K % 16 == 0 and N % 16 == 0
+
+
 def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = None) -> Tensor:
     """``x`` ``(M, K)`` quantized to float8, times the float8 weight ``(N, K)`` transposed.
 
     ``scale`` ``(1,)`` is the weight's; the result ``(M, N)`` has x's dtype.
-    ``amax``: as for :func:`quantize_fp8_activations`.
+    ``amax``: as for :func:`quantize_fp8_activations`. From :data:`FP8_ROWS` bfloat16
+    rows on CUDA ``x`` gets one scale per row (:func:`fp8_rows_matmul`).
     """
-    q, x_scale = quantize_fp8_activations(x, amax)
     M, N = x.shape[0], weight.shape[0]
-    if not x.is_cuda or x.shape[1] % 16 or N % 16:
-        # the same product in float32 (float8 values and their products are exact there):
-        # torch's CPU float8 product measured 190x slower (256 x 384 x 1 024: 7.35 s
-        # against 0.039 s), and cuBLAS needs dimensions in multiples of 16
+    if _fp8_on_tensor_cores(x, x.shape[1], N) and x.dtype == torch.bfloat16 and M >= FP8_ROWS:
+        return fp8_rows_matmul(*quantize_fp8_rows(x), weight, scale, x.dtype)
+    q, x_scale = quantize_fp8_activations(x, amax)
+    if not _fp8_on_tensor_cores(x, x.shape[1], N):
         y = (q.float() * x_scale) @ (weight.float() * scale).t()
-    elif x.dtype == torch.bfloat16 and M >= _FP8_ROWWISE_MIN_ROWS:
-        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale.expand(M, 1).contiguous(),
-                             scale_b=scale.expand(1, N).contiguous(), out_dtype=x.dtype,
-                             use_fast_accum=True)
     else:
         y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale[0],
                              out_dtype=x.dtype, use_fast_accum=True)
     return y.to(x.dtype)
+
+
+def fp8_rows_matmul(q: Tensor, x_scale: Tensor, weight: Tensor, scale: Tensor,
+                    dtype: torch.dtype) -> Tensor:
+    """``(q * x_scale[:, None]) (weight * scale)ᵀ`` as ``(M, N)`` of ``dtype``: float8 rows
+    ``q`` ``(M, K)`` with their scales ``(M,)`` (:func:`quantize_fp8_rows`, or the kernel
+    that wrote them), on CUDA CUTLASS's row-scaled product (bfloat16 output only)."""
+    M, N = q.shape[0], weight.shape[0]
+    if not _fp8_on_tensor_cores(q, q.shape[1], N) or dtype != torch.bfloat16:
+        return ((q.float() * x_scale[:, None]) @ (weight.float() * scale).t()).to(dtype)
+    return torch._scaled_mm(q, weight.t(), scale_a=x_scale.view(M, 1),
+                            scale_b=scale.expand(1, N).contiguous(), out_dtype=dtype,
+                            use_fast_accum=True)
 
 
 class Fp8Linear(_UnpackedLinear):
@@ -440,6 +473,21 @@ class Fp8Linear(_UnpackedLinear):
         y = fp8_matmul(x.reshape(-1, self.in_features), self.weight, self.scales, amax)
         return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
 
+    def takes_rows(self, x: Tensor) -> bool:
+        """Whether the product of ``x`` (not yet computed: its shape, dtype and device)
+        quantizes it per row (:data:`FP8_ROWS`), so that the kernel writing it can."""
+        return (x.is_cuda and x.dtype == torch.bfloat16 and not x.requires_grad
+                and x.numel() // x.shape[-1] >= FP8_ROWS
+                and _fp8_on_tensor_cores(x, self.in_features, self.out_features))
+
+    def forward_rows(self, q: Tensor, scale: Tensor, lead: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype) -> Tensor:
+        """The product of an input that its producer quantized per row (``q`` float8
+        ``(tokens, in)``, ``scale`` float32 ``(tokens,)``, as :func:`quantize_fp8_rows`);
+        output ``(*lead, out)`` of ``dtype``."""
+        y = fp8_rows_matmul(q, scale, self.weight, self.scales, dtype)
+        return self._add_bias(y.reshape(*lead, self.out_features))
+
 
 # W4A8's column order inside each chunk of 32 (one int8 tensor-core step): byte j of a
 # chunk's 16 holds columns j (low nibble) and 16 + j (high nibble), so the kernel's two
@@ -471,9 +519,9 @@ def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     On CUDA one Triton kernel, bit-identical to this torch code.
     """
     if x.is_cuda:
-        from ruvdllm.kernels.w4a8 import quantize_rows  # Triton: CUDA only
+        from ruvdllm.kernels.rowquant import quantize_rows  # Triton: CUDA only
 
-        return quantize_rows(x.contiguous(), ACT_FLOOR)
+        return quantize_rows(x.contiguous())
     peak = x.detach().float().abs().amax(dim=-1).clamp(min=ACT_FLOOR)  # (M,)
     # tensor / tensor: IEEE division, as the kernel's (``127 / peak`` would be torch's
     # reciprocal-then-multiply, which differs in the last bit for a quarter of values)
@@ -536,9 +584,9 @@ class W4A8Linear(QuantizedLinear):
         if x.requires_grad:
             return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
         q, scale = quantize_activations_int8(x.reshape(-1, self.in_features))
-        return self.forward_int8(q, scale, x.shape[:-1], x.dtype, partials)
+        return self.forward_rows(q, scale, x.shape[:-1], x.dtype, partials)
 
-    def forward_int8(self, q: Tensor, scale: Tensor, lead: tuple[int, ...] | torch.Size,
+    def forward_rows(self, q: Tensor, scale: Tensor, lead: tuple[int, ...] | torch.Size,
                      dtype: torch.dtype, partials: bool = False) -> Tensor:
         """The product of an input the kernel that wrote it has already quantized
         (``q`` int8 ``(tokens, in)``, ``scale`` float32 ``(tokens,)``, as

@@ -13,6 +13,7 @@ import torch
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM, StaticKV, settle
 from ruvdllm.quant import (
+    FP8_ROWS,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
@@ -20,6 +21,7 @@ from ruvdllm.quant import (
     fp8_matmul,
     quantize_activations_int8,
     quantize_fp8_activations,
+    quantize_fp8_rows,
     quantize_model,
 )
 from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError
@@ -203,6 +205,29 @@ def test_quantized_fast_path_close_to_float(scheme):
 
 
 @cuda
+def test_fp8_fast_path_takes_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
+    """From FP8_ROWS bfloat16 rows (the full step: 4 x 136) the float8 products take
+    inputs quantized per row by the kernels that write them; the answers stay close to
+    the float model's, as at fewer rows."""
+    model = tiny_model("cuda").to(torch.bfloat16)
+    cfg = SamplerConfig(steps=8, gen_length=128, block_length=32, cache="delayed")
+    assert len(PROMPTS) * (max(map(len, PROMPTS)) + cfg.gen_length) >= FP8_ROWS
+    float_answer = FastSampler(model).generate(PROMPTS, cfg)
+    quantize_model(model, "fp8")
+    rows: list[int] = []
+    forward_rows = Fp8Linear.forward_rows
+
+    def spy(self, q, scale, lead, dtype):  # type: ignore[no-untyped-def]
+        rows.append(q.shape[0])
+        return forward_rows(self, q, scale, lead, dtype)
+
+    monkeypatch.setattr(Fp8Linear, "forward_rows", spy)
+    answer = FastSampler(model).generate(PROMPTS, cfg)
+    assert rows and min(rows) >= FP8_ROWS  # q/k/v, gate/up and down (2 layers)
+    assert _agreement(float_answer, answer) >= 0.8
+
+
+@cuda
 @pytest.mark.parametrize("options", [{}, {"cache": "delayed", "threshold": 0.3}])
 def test_fp8_fast_path_emits_the_reference_tokens(options):
     """float32 activations: both samplers run the same float8 products (cuBLAS)."""
@@ -226,18 +251,26 @@ def test_fp8_activation_kernel_matches_torch(dtype):
 
 
 @cuda
-@pytest.mark.parametrize("M,N,K", [(32, 256, 128), (1100, 512, 256), (5, 24, 64)])
+@pytest.mark.parametrize("M,N,K", [(32, 256, 128), (511, 512, 256), (512, 512, 256),
+                                   (1100, 512, 256), (600, 24, 64)])
 def test_fp8_products_match_their_quantized_operands(M, N, K):
-    """Per-tensor (cuBLAS), row-scaled (CUTLASS, from 1 024 rows) and unaligned paths."""
+    """Per-tensor (cuBLAS), row-scaled (CUTLASS: bfloat16 from 512 rows) and unaligned
+    (float32) paths, each against its own quantized input."""
     torch.manual_seed(M + N)
     q = Fp8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"))
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
-        qx, sx = quantize_fp8_activations(x)
-        ref = (qx.double() * sx.double()) @ q.dequantize(torch.float64).t()
+        x[3] *= 100  # one row far larger: per-tensor and per-row scales differ
+        rows = dtype == torch.bfloat16 and M >= FP8_ROWS and N % 16 == 0
+        assert q.takes_rows(x) == rows
+        qx, sx = quantize_fp8_rows(x) if rows else quantize_fp8_activations(x)
+        ref = (qx.double() * sx.double().reshape(-1, 1)) @ q.dequantize(torch.float64).t()
         y = fp8_matmul(x, q.weight, q.scales)
         assert y.dtype == dtype and y.shape == (M, N)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+        if rows:
+            y2 = q.forward_rows(qx, sx, (M,), dtype)
+            assert torch.equal(y2, y)
 
 
 @cuda
@@ -279,15 +312,18 @@ def test_add_rms_norm_is_the_sum_then_the_norm():
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_row_kernel_matches_torch(dtype):
+@pytest.mark.parametrize("quantize", [quantize_activations_int8, quantize_fp8_rows])
+def test_row_quantization_kernel_matches_torch(dtype, quantize):
     torch.manual_seed(0)
     for shape in ((7, 96), (33, 4096), (3, 12288)):
         x = (torch.randn(*shape, device="cuda") * 5).to(dtype)
         x[0] = 0.0  # an all-zero row keeps a nonzero scale
         x[1, 3] = 1e4  # an outlier sets its row's scale alone
-        q, scale = quantize_activations_int8(x)  # the Triton kernel
-        q_ref, scale_ref = quantize_activations_int8(x.cpu())
-        assert torch.equal(scale.cpu(), scale_ref) and torch.equal(q.cpu(), q_ref)
+        x[2, :5] = torch.tensor([1e-3, -2e-3, 448.0, 1e-41, -1e-40])  # tiny, subnormal
+        q, scale = quantize(x)  # the Triton kernel
+        q_ref, scale_ref = quantize(x.cpu())
+        assert q.dtype == q_ref.dtype and torch.equal(scale.cpu(), scale_ref)
+        assert torch.equal(q.cpu().view(torch.int8), q_ref.view(torch.int8))
 
 
 @cuda
@@ -322,35 +358,39 @@ def test_w4a8_kernel_is_the_product_of_its_quantized_operands(group, M, N, K):
 
 
 @cuda
-def test_fused_int8_quantization_is_the_kernel_output_quantized():
-    """The norm and SwiGLU kernels' int8 outputs are their 16-bit outputs, quantized."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_row_quantization_is_the_kernel_output_quantized(fp8):
+    """The norm and SwiGLU kernels' int8 or float8 rows are their 16-bit outputs, quantized."""
     from ruvdllm.kernels.elementwise import (
         add_rms_norm,
-        add_rms_norm_int8,
+        add_rms_norm_rows,
         swiglu_halves,
-        swiglu_halves_int8,
+        swiglu_halves_rows,
     )
-    from ruvdllm.quant import ACT_FLOOR
 
+    quantize = quantize_fp8_rows if fp8 else quantize_activations_int8
     torch.manual_seed(0)
     x, r = (torch.randn(2, 33, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
     for residual in (None, r):
         total, y, _ = add_rms_norm(x, residual, w, 1e-5, amax=False)
-        total8, q, scale = add_rms_norm_int8(x, residual, w, 1e-5, ACT_FLOOR)
-        q_ref, scale_ref = quantize_activations_int8(y.reshape(-1, 4096))
-        assert torch.equal(total8, total) and torch.equal(scale, scale_ref)
-        assert torch.equal(q, q_ref)
+        total8, q, scale = add_rms_norm_rows(x, residual, w, 1e-5, fp8=fp8)
+        q_ref, scale_ref = quantize(y.reshape(-1, 4096))
+        assert q.dtype == q_ref.dtype and torch.equal(total8, total)
+        assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.int8),
+                                                             q_ref.view(torch.int8))
     parts = torch.randn(4, 2, 33, 4096, device="cuda")  # a split-K product's terms
-    total8, q, scale = add_rms_norm_int8(x, parts, w, 1e-5, ACT_FLOOR)
+    total8, q, scale = add_rms_norm_rows(x, parts, w, 1e-5, fp8=fp8)
     summed = parts[0] + parts[1] + parts[2] + parts[3]  # float32, the kernel's order
     total = (x.float() + summed).to(x.dtype)
-    _, q_ref, scale_ref = add_rms_norm_int8(total, None, w, 1e-5, ACT_FLOOR)
-    assert torch.equal(total8, total) and torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    _, q_ref, scale_ref = add_rms_norm_rows(total, None, w, 1e-5, fp8=fp8)
+    assert torch.equal(total8, total) and torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8))
     gate_up = torch.randn(2, 33, 2 * 12288, device="cuda", dtype=torch.bfloat16)
-    q, scale = swiglu_halves_int8(gate_up, ACT_FLOOR)
-    q_ref, scale_ref = quantize_activations_int8(swiglu_halves(gate_up).reshape(-1, 12288))
-    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+    q, scale = swiglu_halves_rows(gate_up, fp8=fp8)
+    q_ref, scale_ref = quantize(swiglu_halves(gate_up).reshape(-1, 12288))
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8))
 
 
 @cuda
@@ -362,9 +402,9 @@ def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
     runs; a read before its wait would see the previous replay's values.
     """
     from ruvdllm.kernels import pdl
-    from ruvdllm.kernels.elementwise import add_rms_norm_int8, swiglu_halves
-    from ruvdllm.kernels.w4a8 import W4A8Config, quantize_rows, w4a8_matmul
-    from ruvdllm.quant import ACT_FLOOR
+    from ruvdllm.kernels.elementwise import add_rms_norm_rows, swiglu_halves
+    from ruvdllm.kernels.rowquant import quantize_rows
+    from ruvdllm.kernels.w4a8 import W4A8Config, w4a8_matmul
 
     torch.manual_seed(0)
     D, F = 1024, 2048
@@ -375,9 +415,9 @@ def test_dependent_launches_read_their_inputs_after_the_previous_kernel():
 
     def chain(x: torch.Tensor) -> torch.Tensor:
         for _ in range(3):
-            x, q, s = add_rms_norm_int8(x, None, norm_w, 1e-5, ACT_FLOOR)
+            x, q, s = add_rms_norm_rows(x, None, norm_w, 1e-5)
             act = swiglu_halves(w4a8_matmul(q, s, up.weight, up.scales, x.dtype, cfg))
-            q, s = quantize_rows(act.reshape(-1, F), ACT_FLOOR)
+            q, s = quantize_rows(act.reshape(-1, F))
             x = w4a8_matmul(q, s, down.weight, down.scales, x.dtype, cfg).view_as(x)
         return x
 

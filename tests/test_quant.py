@@ -17,6 +17,7 @@ from ruvdllm.checkpoint import load_model, save_checkpoint
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import (
+    FP8_FLOOR,
     FP8_MAX,
     GROUP_SIZES,
     Fp8Linear,
@@ -31,6 +32,7 @@ from ruvdllm.quant import (
     quantize_checkpoint,
     quantize_fp8,
     quantize_fp8_activations,
+    quantize_fp8_rows,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -141,6 +143,26 @@ def test_fp8_round_trip_within_e4m3_rounding(w: torch.Tensor) -> None:
     # (subnormals, step 2^-9)
     bound = torch.maximum(w.abs() * 2.0**-4, scale * 2.0**-10)
     assert ((q.float() * scale - w).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_fp8_rows_have_one_scale_each() -> None:
+    """Row scales: each row's largest magnitude maps to 448, an all-zero row to zeros; a
+    linear multiplies such rows without requantizing them (float32 off CUDA)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 64)
+    x[2] *= 1000
+    x[4] = 0
+    q, s = quantize_fp8_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6,)
+    assert torch.equal(s, x.abs().amax(1).clamp(min=FP8_FLOOR) / FP8_MAX)
+    assert (q.float().abs().amax(1)[[0, 1, 2, 3, 5]] == FP8_MAX).all() and not q[4].float().any()
+    bound = x.abs() * 2.0**-4 + s[:, None] * 2.0**-10  # half a step, normal or subnormal
+    assert ((q.float() * s[:, None] - x).abs() <= bound * (1 + 1e-6)).all()
+    lin = nn.Linear(64, 48)
+    f = Fp8Linear.from_linear(copy.deepcopy(lin))
+    assert not f.takes_rows(x)  # the fused path is CUDA's
+    ref = F.linear((q.float() * s[:, None]).view(2, 3, 64), f.dequantize(), lin.bias)
+    torch.testing.assert_close(f.forward_rows(q, s, (2, 3), torch.float32), ref)
 
 
 @pytest.mark.parametrize("bias", [False, True])

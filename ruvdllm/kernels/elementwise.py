@@ -13,8 +13,9 @@ Neighbouring operations share a kernel where the fast path runs them back to
 back: a residual sum and the RMSNorm after it (:func:`add_rms_norm`), RoPE and
 the key/value slot writes of a cached step (:func:`rope_qkv_into`); RMSNorm and
 SwiGLU can also return their outputs' maxima, the input scale of a float8
-product (:mod:`ruvdllm.kernels.fp8`), or their outputs quantized per row to int8
-for a W4A8 product (:mod:`ruvdllm.kernels.w4a8`), from registers. The residual sum
+product with one scale (:mod:`ruvdllm.kernels.fp8`), or their outputs quantized per row
+(:mod:`ruvdllm.kernels.rowquant`: int8 for a W4A8 product, float8 for a row-scaled W8A8
+one), from registers. The residual sum
 also takes a split-K product's terms and adds them itself. Each kernel waits for its
 inputs with :func:`ruvdllm.kernels.pdl.wait_inputs`: on Hopper it is launched while the
 previous kernel is still running.
@@ -29,14 +30,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ruvdllm.kernels.pdl import pdl_args, wait_inputs
-from ruvdllm.kernels.w4a8 import int8_row
+from ruvdllm.kernels.rowquant import quantize_row, row_format
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, r_stride, sum_ptr, w_ptr, y_ptr,  # type: ignore[no-untyped-def]
                      amax_ptr, D, eps, BLOCK: tl.constexpr, ADD: tl.constexpr,
-                     PARTS: tl.constexpr, AMAX: tl.constexpr, INT8: tl.constexpr,
-                     FLOOR: tl.constexpr, PDL: tl.constexpr):
+                     PARTS: tl.constexpr, AMAX: tl.constexpr, ROWS: tl.constexpr,
+                     FP8: tl.constexpr, PDL: tl.constexpr):
     wait_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -54,8 +55,8 @@ def _rms_norm_kernel(x_ptr, r_ptr, r_stride, sum_ptr, w_ptr, y_ptr,  # type: ign
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     normed = (x * inv).to(w.dtype)  # the eager path rounds here, then scales
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)
-    if INT8:  # the output quantized per row for a W4A8 product: y_ptr is int8
-        int8_row(y, y_ptr + row * D, amax_ptr + row, cols, ok, FLOOR)
+    if ROWS:  # the output quantized per row (int8, or float8 with FP8), its scale in amax_ptr
+        quantize_row(y, y_ptr + row * D, amax_ptr + row, cols, ok, FP8)
     else:
         tl.store(y_ptr + row * D + cols, y, mask=ok)
         if AMAX:  # the row's largest magnitude, for a float8 product's input scale
@@ -74,19 +75,19 @@ PARTS_WARPS = 16
 
 
 def _norm_launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, amax: bool,
-                 int8: bool, floor: float) -> tuple[Tensor, Tensor, Tensor]:
+                 quantized: bool, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(s (x's shape), y (rows, D), side (rows,) or (1,))``: one run of the norm kernel."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()  # (rows, D)
     rows = x2.shape[0]
-    y = torch.empty(rows, D, dtype=torch.int8 if int8 else x2.dtype, device=x.device)
+    y = torch.empty(rows, D, dtype=row_format(fp8) if quantized else x2.dtype, device=x.device)
     total = x2 if residual is None else torch.empty_like(x2)
     parts = 1 if residual is None or residual.dim() == x.dim() else residual.shape[0]
     r = x2 if residual is None else residual.reshape(parts, rows, D).contiguous()  # (S, rows, D)
-    side = torch.empty(rows if amax or int8 else 1, dtype=torch.float32, device=x.device)
+    side = torch.empty(rows if amax or quantized else 1, dtype=torch.float32, device=x.device)
     _rms_norm_kernel[(rows,)](x2, r, rows * D, total, weight, y, side, D, eps,
                               BLOCK=triton.next_power_of_2(D), ADD=residual is not None,
-                              PARTS=parts, AMAX=amax, INT8=int8, FLOOR=floor,
+                              PARTS=parts, AMAX=amax, ROWS=quantized, FP8=fp8,
                               num_warps=PARTS_WARPS if parts > 1 else 4, **pdl_args(x.device))
     return total.view(x.shape), y, side
 
@@ -105,17 +106,17 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
     of the output needs ``max |y|`` for its input scale, and taken here from
     registers it spares the product a reduction kernel.
     """
-    total, y, maxima = _norm_launch(x, residual, weight, eps, amax, int8=False, floor=0.0)
+    total, y, maxima = _norm_launch(x, residual, weight, eps, amax, quantized=False, fp8=False)
     return total, y.view(x.shape), maxima
 
 
-def add_rms_norm_int8(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-                      floor: float) -> tuple[Tensor, Tensor, Tensor]:
+def add_rms_norm_rows(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                      fp8: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, q, scale)``: :func:`add_rms_norm`'s sum, and its norm quantized per row
-    for a W4A8 product (int8 ``(rows, D)``, float32 ``(rows,)``; the scales of
-    :func:`ruvdllm.kernels.w4a8.quantize_rows` with ``floor``), from registers: the
-    16-bit output is never written, and no quantization kernel runs."""
-    return _norm_launch(x, residual, weight, eps, amax=False, int8=True, floor=floor)
+    (int8 for a W4A8 product, or float8 with ``fp8``: ``(rows, D)``, scales float32
+    ``(rows,)``, those of :func:`ruvdllm.kernels.rowquant.quantize_rows`), from
+    registers: the 16-bit output is never written, and no quantization kernel runs."""
+    return _norm_launch(x, residual, weight, eps, amax=False, quantized=True, fp8=fp8)
 
 
 @triton.jit
@@ -257,8 +258,8 @@ def _swiglu_halves(gate_up: Tensor, amax: bool) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
-def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
-                        BLOCK: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+def _swiglu_rows_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
+                        BLOCK: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     wait_inputs(PDL)
     row = tl.program_id(0)  # a whole row per program: its scale needs its maximum
     i = tl.arange(0, BLOCK)
@@ -267,19 +268,19 @@ def _swiglu_int8_kernel(gu_ptr, q_ptr, s_ptr, F,  # type: ignore[no-untyped-def]
     u = tl.load(gu_ptr + row * 2 * F + F + i, mask=ok, other=0.0)
     act = (g * tl.sigmoid(g)).to(u.dtype)
     y = (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
-    int8_row(y, q_ptr + row * F, s_ptr + row, i, ok, FLOOR)
+    quantize_row(y, q_ptr + row * F, s_ptr + row, i, ok, FP8)
 
 
-def swiglu_halves_int8(gate_up: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    """:func:`swiglu_halves` quantized per row for a W4A8 product: ``(q int8 (rows, F),
-    scale float32 (rows,))``, as :func:`add_rms_norm_int8` quantizes."""
+def swiglu_halves_rows(gate_up: Tensor, fp8: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`swiglu_halves` quantized per row: ``(q (rows, F), scale float32 (rows,))``,
+    int8 or float8, as :func:`add_rms_norm_rows` quantizes."""
     F2 = gate_up.shape[-1]
     gu = gate_up.reshape(-1, F2).contiguous()  # (rows, 2F)
     rows, F = gu.shape[0], F2 // 2
-    q = torch.empty(rows, F, dtype=torch.int8, device=gu.device)
+    q = torch.empty(rows, F, dtype=row_format(fp8), device=gu.device)
     scale = torch.empty(rows, dtype=torch.float32, device=gu.device)
     block = triton.next_power_of_2(F)
-    _swiglu_int8_kernel[(rows,)](gu, q, scale, F, BLOCK=block, FLOOR=floor,
+    _swiglu_rows_kernel[(rows,)](gu, q, scale, F, BLOCK=block, FP8=fp8,
                                  num_warps=min(16, max(4, block // 1024)),
                                  **pdl_args(gu.device))
     return q, scale

@@ -3,7 +3,8 @@ tensor cores.
 
 ``y = x Wᵀ`` with ``W`` int4 (two signed nibbles per byte, uint8 ``(N, K/2)``; one
 scale per row and group of ``GROUP`` columns) and ``x`` quantized per row to int8
-just before the product (:func:`quantize_rows`, or the kernel that wrote ``x``).
+just before the product (:func:`ruvdllm.kernels.rowquant.quantize_rows`, or the
+kernel that wrote ``x``).
 Why not the weight-only kernel of
 :mod:`ruvdllm.kernels.weight_only`: there each int4 weight becomes a 16-bit float
 times its scale before a bfloat16 ``tl.dot`` (about 2.25 instructions per weight),
@@ -38,50 +39,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
 from ruvdllm.kernels.pdl import pdl_args, wait_inputs
 from ruvdllm.kernels.weight_only import split_k_output, store_tile
-
-
-@triton.jit
-def int8_row(x, q_ptr, s_ptr, cols, ok, FLOOR: tl.constexpr):  # type: ignore[no-untyped-def]
-    """Store the row ``x`` (registers) as int8 at ``q_ptr + cols`` and its scale at ``s_ptr``.
-
-    ``peak = max(max |x|, FLOOR)``, ``scale = peak / 127``, ``q = rint(x * (127 / peak))``
-    (ties to even; IEEE divisions, since Triton's ``/`` is approximate): bit for bit
-    :func:`ruvdllm.quant.quantize_activations_int8`. One reciprocal per row, not a
-    division per element. Also called by the RMSNorm and SwiGLU kernels, which
-    quantize their outputs for a W4A8 product from registers.
-    """
-    peak = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=0), FLOOR)
-    q = libdevice.rint(x.to(tl.float32) * tl.div_rn(127.0, peak))  # |q| <= 127
-    tl.store(q_ptr + cols, q.to(tl.int8), mask=ok)
-    tl.store(s_ptr, tl.div_rn(peak, 127.0))
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,  # type: ignore[no-untyped-def]
-                          FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_inputs(PDL)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0)
-    int8_row(x, q_ptr + row * stride_qm, s_ptr + row, cols, ok, FLOOR)
-
-
-def quantize_rows(x: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    """``(q int8 (M, K), scale float32 (M,))`` with ``x[m] ≈ q[m] * scale[m]``, as
-    :func:`ruvdllm.quant.quantize_activations_int8` computes in torch (:func:`int8_row`)."""
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(K)
-    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), FLOOR=floor,
-                                BLOCK=block, num_warps=4 if block <= 4096 else 8,
-                                **pdl_args(x.device))
-    return q, scale
 
 
 @triton.jit
@@ -213,10 +173,11 @@ def w4a8_matmul(q: Tensor, x_scale: Tensor, packed: Tensor, scales: Tensor,
     (``S = 1``: the product, of ``dtype``).
 
     ``q`` int8 ``(M, K)`` with row scales ``x_scale`` float32 ``(M,)``
-    (:func:`quantize_rows`); ``W`` in :class:`ruvdllm.quant.W4A8Linear`'s layout:
+    (:func:`ruvdllm.kernels.rowquant.quantize_rows`); ``W`` in
+    :class:`ruvdllm.quant.W4A8Linear`'s layout:
     ``packed`` uint8 ``(N, K/2)``, ``scales`` ``(K/GROUP, N)`` with unit column stride.
     Partials are for a reader that adds the product to something anyway (the residual
-    sum of :func:`ruvdllm.kernels.elementwise.add_rms_norm_int8`): a split K then needs
+    sum of :func:`ruvdllm.kernels.elementwise.add_rms_norm_rows`): a split K then needs
     no zeroed output, no atomics and no conversion kernel, and the sum is in a fixed order.
     """
     M, K = q.shape
