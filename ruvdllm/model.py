@@ -309,8 +309,9 @@ class Block(nn.Module):
         """``(s, linear(norm(s)))`` with ``s = x + residual`` (``x`` without one).
 
         Fused (16-bit CUDA): one kernel for the sum and the norm, which also
-        hands a float8 linear its input's row maxima, or a W4A8 linear its input
-        quantized per row.
+        hands a float8 linear its input's row maxima (for one scale per tensor) or,
+        from :data:`ruvdllm.quant.FP8_ROWS` rows, its input quantized per row, and a
+        W4A8 linear its input quantized per row.
         """
         from ruvdllm.quant import Fp8Linear, W4A8Linear  # quant imports this module
 

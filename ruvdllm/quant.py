@@ -431,7 +431,9 @@ def fp8_rows_matmul(q: Tensor, x_scale: Tensor, weight: Tensor, scale: Tensor,
 
 
 class Fp8Linear(_UnpackedLinear):
-    """``y = x Wᵀ (+ b)`` with a float8 weight and float8 activations (W8A8, per tensor).
+    """``y = x Wᵀ (+ b)`` with a float8 weight and float8 activations (W8A8): one scale
+    for the weight, and one for the input tensor, or one per input row from
+    :data:`FP8_ROWS` rows on CUDA (:meth:`takes_rows`).
 
     Inputs that need a gradient (LoRA training through a quantized base) are
     multiplied with the dequantized weight in their own dtype: the activation
