@@ -340,7 +340,9 @@ class Int4Linear(QuantizedLinear):
 
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-FP8_FLOOR = _TINY  # the smallest maximum a float8 activation scale is taken from
+# The smallest row maximum a float8 row scale is taken from: 1 / (FP8_FLOOR / 448) is
+# finite, so an all-zero row quantizes to zeros (float32's _TINY would give 0 * inf).
+FP8_FLOOR = 1e-30
 # From this many rows (16-bit inputs on CUDA) a float8 product's input has one scale per
 # row, quantized by the kernel that writes it (:meth:`Fp8Linear.takes_rows`), and the
 # product is CUTLASS's row-scaled one. At 512 rows it is as fast as cuBLAS's per-tensor
@@ -387,7 +389,8 @@ def quantize_fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
         return quantize_rows(x.contiguous(), fp8=True)
     scale = x.detach().float().abs().amax(dim=-1).clamp(min=FP8_FLOOR) / FP8_MAX  # (M,)
-    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    inv = torch.ones_like(scale) / scale  # IEEE division, as the kernel's; then products
+    q = (x.float() * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -399,15 +402,13 @@ def _fp8_on_tensor_cores(x: Tensor, K: int, N: int) -> bool:
 
 
 def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = None) -> Tensor:
-    """``x`` ``(M, K)`` quantized to float8, times the float8 weight ``(N, K)`` transposed.
+    """``x`` ``(M, K)`` quantized to float8 with one scale, times the float8 weight
+    ``(N, K)`` transposed.
 
     ``scale`` ``(1,)`` is the weight's; the result ``(M, N)`` has x's dtype.
-    ``amax``: as for :func:`quantize_fp8_activations`. From :data:`FP8_ROWS` bfloat16
-    rows on CUDA ``x`` gets one scale per row (:func:`fp8_rows_matmul`).
+    ``amax``: as for :func:`quantize_fp8_activations`.
     """
-    M, N = x.shape[0], weight.shape[0]
-    if _fp8_on_tensor_cores(x, x.shape[1], N) and x.dtype == torch.bfloat16 and M >= FP8_ROWS:
-        return fp8_rows_matmul(*quantize_fp8_rows(x), weight, scale, x.dtype)
+    N = weight.shape[0]
     q, x_scale = quantize_fp8_activations(x, amax)
     if not _fp8_on_tensor_cores(x, x.shape[1], N):
         y = (q.float() * x_scale) @ (weight.float() * scale).t()
@@ -417,17 +418,19 @@ def fp8_matmul(x: Tensor, weight: Tensor, scale: Tensor, amax: Tensor | None = N
     return y.to(x.dtype)
 
 
-def fp8_rows_matmul(q: Tensor, x_scale: Tensor, weight: Tensor, scale: Tensor,
+def fp8_rows_matmul(q: Tensor, x_scale: Tensor, weight: Tensor, scale_row: Tensor,
                     dtype: torch.dtype) -> Tensor:
-    """``(q * x_scale[:, None]) (weight * scale)ᵀ`` as ``(M, N)`` of ``dtype``: float8 rows
-    ``q`` ``(M, K)`` with their scales ``(M,)`` (:func:`quantize_fp8_rows`, or the kernel
-    that wrote them), on CUDA CUTLASS's row-scaled product (bfloat16 output only)."""
+    """``(q * x_scale[:, None]) (weight * scale_row.t())ᵀ`` as ``(M, N)`` of ``dtype``: float8
+    rows ``q`` ``(M, K)`` with their scales ``(M,)`` (:func:`quantize_fp8_rows`, or the
+    kernel that wrote them), and the weight's scale as a contiguous ``(1, N)`` row
+    (:meth:`Fp8Linear.scale_row`); on CUDA CUTLASS's row-scaled product (bfloat16 output
+    only)."""
     M, N = q.shape[0], weight.shape[0]
     if not _fp8_on_tensor_cores(q, q.shape[1], N) or dtype != torch.bfloat16:
-        return ((q.float() * x_scale[:, None]) @ (weight.float() * scale).t()).to(dtype)
-    return torch._scaled_mm(q, weight.t(), scale_a=x_scale.view(M, 1),
-                            scale_b=scale.expand(1, N).contiguous(), out_dtype=dtype,
-                            use_fast_accum=True)
+        w = weight.float() * scale_row.t()  # (N, K)
+        return ((q.float() * x_scale[:, None]) @ w.t()).to(dtype)
+    return torch._scaled_mm(q, weight.t(), scale_a=x_scale.view(M, 1), scale_b=scale_row,
+                            out_dtype=dtype, use_fast_accum=True)
 
 
 class Fp8Linear(_UnpackedLinear):
@@ -442,6 +445,8 @@ class Fp8Linear(_UnpackedLinear):
 
     STORAGE, SCALE_PER_ROW = torch.float8_e4m3fn, False
     quantize = staticmethod(quantize_fp8)
+    _row_key: tuple[int, int, torch.device] | None = None  # scale_row's cache
+    _row: Tensor
 
     @staticmethod
     def concatenate(parts: list[QuantizedLinear]) -> tuple[Tensor, Tensor]:
@@ -469,11 +474,25 @@ class Fp8Linear(_UnpackedLinear):
         return (self.weight.float() * self.scales).to(dtype)  # (out, in)
 
     def forward(self, x: Tensor, amax: Tensor | None = None) -> Tensor:
-        """``amax``: partial maxima of ``|x|`` from the kernel that produced ``x``, if any."""
+        """``amax``: partial maxima of ``|x|`` from the kernel that produced ``x``, if any
+        (one scale per tensor; from :data:`FP8_ROWS` rows ``x`` is quantized per row)."""
         if x.requires_grad:
             return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
-        y = fp8_matmul(x.reshape(-1, self.in_features), self.weight, self.scales, amax)
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        if self.takes_rows(x):
+            return self.forward_rows(*quantize_fp8_rows(x2), x.shape[:-1], x.dtype)
+        y = fp8_matmul(x2, self.weight, self.scales, amax)
         return self._add_bias(y.reshape(*x.shape[:-1], self.out_features))
+
+    def scale_row(self) -> Tensor:
+        """The weight's scale as a contiguous ``(1, out)`` row, the row-scaled product's
+        operand; kept until ``scales`` changes (in place or replaced): made per product,
+        it was a copy kernel each (docs/decisions.md, session 9)."""
+        key = (self.scales.data_ptr(), self.scales._version, self.scales.device)
+        if self._row_key != key:
+            self._row = self.scales.expand(1, self.out_features).contiguous()
+            self._row_key = key
+        return self._row
 
     def takes_rows(self, x: Tensor) -> bool:
         """Whether the product of ``x`` (not yet computed: its shape, dtype and device)
@@ -487,7 +506,7 @@ class Fp8Linear(_UnpackedLinear):
         """The product of an input that its producer quantized per row (``q`` float8
         ``(tokens, in)``, ``scale`` float32 ``(tokens,)``, as :func:`quantize_fp8_rows`);
         output ``(*lead, out)`` of ``dtype``."""
-        y = fp8_rows_matmul(q, scale, self.weight, self.scales, dtype)
+        y = fp8_rows_matmul(q, scale, self.weight, self.scale_row(), dtype)
         return self._add_bias(y.reshape(*lead, self.out_features))
 
 

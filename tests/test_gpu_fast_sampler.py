@@ -207,8 +207,9 @@ def test_quantized_fast_path_close_to_float(scheme):
 @cuda
 def test_fp8_products_take_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
     """From FP8_ROWS bfloat16 rows (4 x 136) the fused q/k/v, gate/up and down products
-    take inputs quantized per row by the kernels that write them; the logits stay as
-    close to the float model's as with one scale per tensor."""
+    take inputs quantized per row by the kernels that write them (the output product by
+    its own row kernel); the logits stay as close to the float model's as with one scale
+    per tensor."""
     from ruvdllm import quant
 
     ids = torch.randint(0, 512, (4, 136), device="cuda", generator=torch.Generator(
@@ -225,11 +226,11 @@ def test_fp8_products_take_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
             return forward_rows(self, q, scale, lead, dtype)
 
         monkeypatch.setattr(Fp8Linear, "forward_rows", spy)
-        per_row = model(ids).logits.float()
-        assert len(rows) == 3 * model.config.n_layers and min(rows) == ids.numel()
+        per_row = model(ids).logits.float()  # q/k/v, o, gate/up, down: 4 a layer
+        assert len(rows) == 4 * model.config.n_layers and min(rows) == ids.numel()
         monkeypatch.setattr(quant, "FP8_ROWS", 1 << 62)
         per_tensor = model(ids).logits.float()
-    assert len(rows) == 3 * model.config.n_layers  # no rows below the threshold
+    assert len(rows) == 4 * model.config.n_layers  # no rows below the threshold
 
     def error(y: torch.Tensor) -> float:
         return ((y - ref).norm() / ref.norm()).item()
@@ -275,12 +276,14 @@ def test_fp8_products_match_their_quantized_operands(M, N, K):
         assert q.takes_rows(x) == rows
         qx, sx = quantize_fp8_rows(x) if rows else quantize_fp8_activations(x)
         ref = (qx.double() * sx.double().reshape(-1, 1)) @ q.dequantize(torch.float64).t()
-        y = fp8_matmul(x, q.weight, q.scales)
+        y = q(x)
         assert y.dtype == dtype and y.shape == (M, N)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
-        if rows:
-            y2 = q.forward_rows(qx, sx, (M,), dtype)
-            assert torch.equal(y2, y)
+        if rows:  # the producer's rows, and the weight's scale row kept between calls
+            assert torch.equal(q.forward_rows(qx, sx, (M,), dtype), y)
+            assert q.scale_row() is q.scale_row() and q.scale_row().shape == (1, N)
+        else:
+            assert torch.equal(fp8_matmul(x, q.weight, q.scales), y)
 
 
 @cuda

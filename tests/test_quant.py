@@ -163,6 +163,10 @@ def test_fp8_rows_have_one_scale_each() -> None:
     assert not f.takes_rows(x)  # the fused path is CUDA's
     ref = F.linear((q.float() * s[:, None]).view(2, 3, 64), f.dequantize(), lin.bias)
     torch.testing.assert_close(f.forward_rows(q, s, (2, 3), torch.float32), ref)
+    row = f.scale_row()
+    assert row.shape == (1, 48) and f.scale_row() is row  # kept between calls
+    f.scales.mul_(2)  # loaded anew: the row follows
+    assert torch.equal(f.scale_row(), f.scales.expand(1, 48)) and f.scale_row() is not row
 
 
 @pytest.mark.parametrize("bias", [False, True])
