@@ -291,15 +291,13 @@ class Block(nn.Module):
         )
 
         out = self.ff_out
-        if isinstance(out, Fp8Linear) and out.takes_rows(gate_up):  # quantized by SwiGLU
-            q, scale = swiglu_halves_rows(gate_up, fp8=True)  # (B T, F)
-            return x, self.dropout(out.forward_rows(q, scale, (B, T), x.dtype))
-        if isinstance(out, Fp8Linear):  # the chunk maxima spare its input reduction
+        fp8_rows = isinstance(out, Fp8Linear) and out.takes_rows(gate_up)
+        if isinstance(out, Fp8Linear) and not fp8_rows:  # chunk maxima: no input reduction
             act, amax = swiglu_halves_amax(gate_up)  # (B, T, F)
             return x, self.dropout(out(act, amax=amax))
-        if isinstance(out, W4A8Linear):  # quantized by the SwiGLU kernel itself
-            q, scale = swiglu_halves_rows(gate_up)  # (B T, F) int8
-            if partials:
+        if isinstance(out, (Fp8Linear, W4A8Linear)):  # quantized by the SwiGLU kernel itself
+            q, scale = swiglu_halves_rows(gate_up, fp8=fp8_rows)  # (B T, F)
+            if partials and isinstance(out, W4A8Linear):
                 return x, out.forward_rows(q, scale, (B, T), x.dtype, partials=True)
             return x, self.dropout(out.forward_rows(q, scale, (B, T), x.dtype))
         return x, self.dropout(out(swiglu_halves(gate_up)))

@@ -340,9 +340,10 @@ class Int4Linear(QuantizedLinear):
 
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-# The smallest row maximum a float8 row scale is taken from: 1 / (FP8_FLOOR / 448) is
-# finite, so an all-zero row quantizes to zeros (float32's _TINY would give 0 * inf).
-FP8_FLOOR = 1e-30
+# The smallest row maximum a per-row activation scale (int8 or float8) is taken from:
+# 127 / ACT_FLOOR and 448 / ACT_FLOOR are finite, so an all-zero row quantizes to zeros
+# (float32's _TINY would give 0 * inf).
+ACT_FLOOR = 1e-30
 # From this many rows (16-bit inputs on CUDA) a float8 product's input has one scale per
 # row, quantized by the kernel that writes it (:meth:`Fp8Linear.takes_rows`), and the
 # product is CUTLASS's row-scaled one. At 512 rows it is as fast as cuBLAS's per-tensor
@@ -388,7 +389,7 @@ def quantize_fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         from ruvdllm.kernels.rowquant import quantize_rows  # Triton: CUDA only
 
         return quantize_rows(x.contiguous(), fp8=True)
-    scale = x.detach().float().abs().amax(dim=-1).clamp(min=FP8_FLOOR) / FP8_MAX  # (M,)
+    scale = x.detach().float().abs().amax(dim=-1).clamp(min=ACT_FLOOR) / FP8_MAX  # (M,)
     inv = torch.ones_like(scale) / scale  # IEEE division, as the kernel's; then products
     q = (x.float() * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
@@ -525,11 +526,6 @@ def _w4a8_columns(in_features: int) -> Tensor:
                          f"got {in_features}")
     chunks = torch.arange(0, in_features, W4A8_CHUNK)[:, None]  # (in / 32, 1)
     return (chunks + _W4A8_ORDER).reshape(-1)  # (in,)
-
-
-# The smallest row maximum an int8 activation scale is taken from: 127 / ACT_FLOOR is
-# finite, so an all-zero row quantizes to zeros (float32's _TINY would give 0 * inf).
-ACT_FLOOR = 1e-30
 
 
 def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from ruvdllm.checkpoint import load_model, save_checkpoint
 from ruvdllm.config import ModelConfig
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import (
-    FP8_FLOOR,
+    ACT_FLOOR,
     FP8_MAX,
     GROUP_SIZES,
     Fp8Linear,
@@ -154,7 +154,7 @@ def test_fp8_rows_have_one_scale_each() -> None:
     x[4] = 0
     q, s = quantize_fp8_rows(x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (6,)
-    assert torch.equal(s, x.abs().amax(1).clamp(min=FP8_FLOOR) / FP8_MAX)
+    assert torch.equal(s, x.abs().amax(1).clamp(min=ACT_FLOOR) / FP8_MAX)
     assert (q.float().abs().amax(1)[[0, 1, 2, 3, 5]] == FP8_MAX).all() and not q[4].float().any()
     bound = x.abs() * 2.0**-4 + s[:, None] * 2.0**-10  # half a step, normal or subnormal
     assert ((q.float() * s[:, None] - x).abs() <= bound * (1 + 1e-6)).all()

@@ -25,10 +25,9 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from ruvdllm.kernels.pdl import pdl_args, wait_inputs
-from ruvdllm.quant import ACT_FLOOR, FP8_FLOOR, FP8_MAX
+from ruvdllm.quant import ACT_FLOOR, FP8_MAX
 
-_INT8_FLOOR = tl.constexpr(ACT_FLOOR)
-_FP8_FLOOR = tl.constexpr(FP8_FLOOR)
+_FLOOR = tl.constexpr(ACT_FLOOR)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
 
@@ -36,21 +35,20 @@ _FP8_MAX = tl.constexpr(FP8_MAX)
 def quantize_row(x, q_ptr, s_ptr, cols, ok, FP8: tl.constexpr):  # type: ignore[no-untyped-def]
     """Store the row ``x`` (registers) quantized at ``q_ptr + cols``, its scale at ``s_ptr``.
 
-    int8: ``peak = max(max |x|, ACT_FLOOR)``, ``scale = peak / 127``, ``q = rint(x *
-    (127 / peak))`` (ties to even). float8: ``scale = max(max |x|, FP8_FLOOR) / 448``,
-    ``q = e4m3(x * (1 / scale))``, clamped to the finite range. One reciprocal per row,
+    ``peak = max(max |x|, ACT_FLOOR)``; int8: ``scale = peak / 127``, ``q = rint(x *
+    (127 / peak))`` (ties to even); float8: ``scale = peak / 448``, ``q = e4m3(x * (1 /
+    scale))``, clamped to the finite range. One reciprocal per row,
     not a division per element: with one, the SwiGLU kernel took 8.4 ms of an 8-step B=8
     run against 4.0 ms without quantization (docs/decisions.md, session 9).
     """
     xf = x.to(tl.float32)
-    peak = tl.max(tl.abs(xf), axis=0)
+    peak = tl.maximum(tl.max(tl.abs(xf), axis=0), _FLOOR)
     if FP8:
-        scale = tl.div_rn(tl.maximum(peak, _FP8_FLOOR), _FP8_MAX)
+        scale = tl.div_rn(peak, _FP8_MAX)
         q = tl.clamp(xf * tl.div_rn(1.0, scale), -_FP8_MAX, _FP8_MAX)
         tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
         tl.store(s_ptr, scale)
     else:
-        peak = tl.maximum(peak, _INT8_FLOOR)
         q = libdevice.rint(xf * tl.div_rn(127.0, peak))  # |q| <= 127
         tl.store(q_ptr + cols, q.to(tl.int8), mask=ok)
         tl.store(s_ptr, tl.div_rn(peak, 127.0))
