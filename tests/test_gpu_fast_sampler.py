@@ -207,8 +207,8 @@ def test_quantized_fast_path_close_to_float(scheme):
 @cuda
 def test_fp8_products_take_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
     """From FP8_ROWS bfloat16 rows (4 x 136) the fused q/k/v, gate/up and down products
-    take inputs quantized per row by the kernels that write them (the output product by
-    its own row kernel); the logits stay as close to the float model's as with one scale
+    take inputs quantized per row by the kernels that write them (the output product and
+    the LM head by their own row kernel); the logits stay as close to the float model's as with one scale
     per tensor."""
     from ruvdllm import quant
 
@@ -226,11 +226,12 @@ def test_fp8_products_take_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
             return forward_rows(self, q, scale, lead, dtype)
 
         monkeypatch.setattr(Fp8Linear, "forward_rows", spy)
-        per_row = model(ids).logits.float()  # q/k/v, o, gate/up, down: 4 a layer
-        assert len(rows) == 4 * model.config.n_layers and min(rows) == ids.numel()
+        per_row = model(ids).logits.float()  # q/k/v, o, gate/up, down: 4 a layer; the head
+        calls = 4 * model.config.n_layers + 1
+        assert len(rows) == calls and min(rows) == ids.numel()
         monkeypatch.setattr(quant, "FP8_ROWS", 1 << 62)
         per_tensor = model(ids).logits.float()
-    assert len(rows) == 4 * model.config.n_layers  # no rows below the threshold
+    assert len(rows) == calls  # no rows below the threshold
 
     def error(y: torch.Tensor) -> float:
         return ((y - ref).norm() / ref.norm()).item()
