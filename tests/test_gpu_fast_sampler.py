@@ -208,8 +208,8 @@ def test_quantized_fast_path_close_to_float(scheme):
 def test_fp8_products_take_rows_from_the_norm_and_swiglu_kernels(monkeypatch):
     """From FP8_ROWS bfloat16 rows (4 x 136) the fused q/k/v, gate/up and down products
     take inputs quantized per row by the kernels that write them (the output product and
-    the LM head by their own row kernel); the logits stay as close to the float model's as with one scale
-    per tensor."""
+    the LM head by their own row kernel); the logits stay as close to the float model's
+    as with one scale per tensor."""
     from ruvdllm import quant
 
     ids = torch.randint(0, 512, (4, 136), device="cuda", generator=torch.Generator(
