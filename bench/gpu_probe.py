@@ -9,7 +9,8 @@ the choice in :func:`ruvdllm.quant.fp8_matmul` comes from this table.
 on every product of the 8B shape (int4 groups of ``group``, default 128), timed
 the same way; :func:`ruvdllm.kernels.w4a8.w4a8_config` comes from this table.
 
-``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend.
+``python3 -m bench.gpu_probe sdpa``: attention of the 8B shape by SDPA backend;
+``sdpa-kernels``: the kernels each way of calling it launches (cuDNN's memset).
 
 ``python3 -m bench.gpu_probe variants fp8``: the fp8 fast path's graphed wall times with
 float8 inputs quantized per row by their producers from 512 rows, and with one scale per
@@ -153,6 +154,33 @@ def sdpa_rows() -> None:
             print(f"sdpa B={B} T={T}", json.dumps(times), flush=True)
 
 
+def sdpa_kernels() -> None:
+    """Kernels and graph-timed µs of one cached step's attention (B=1, 32 queries over
+    384 keys) through SDPA, its cuDNN op without the log-sum-exp, and flash."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, T, hd) over (B, T, H, hd)
+    k, v = (torch.randn(1, 32, 384, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v).float()
+    ops = torch.ops.aten
+    calls = {"sdpa": partial(F.scaled_dot_product_attention, q, k, v),
+             "cudnn, no lse": partial(ops._scaled_dot_product_cudnn_attention, q, k, v, None,
+                                      False),
+             "flash": partial(ops._scaled_dot_product_flash_attention, q, k, v)}
+    for name, fn in calls.items():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        err = float((out.float() - ref).norm() / ref.norm())
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names = [e.key[:60] for e in prof.key_averages()]
+        print(name, f"error {err:.2e}", round(graph_us([fn] * 32), 2), "µs", names, flush=True)
+
+
 def _kernel_table(fn: Callable[[], object], label: str, top: int = 14) -> None:
     fn()
     torch.cuda.synchronize()
@@ -280,14 +308,16 @@ def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
 
 if __name__ == "__main__":
     usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
-             "sdpa | variants [fp8] | profile [bf16|w4|fp8|w4a8 ...]")
+             "sdpa | sdpa-kernels | variants [fp8] | profile [bf16|w4|fp8|w4a8 ...]")
     if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "sdpa",
-                                                 "variants", "profile"):
+                                                 "sdpa-kernels", "variants", "profile"):
         sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
     elif sys.argv[1] == "sdpa":
         sdpa_rows()
+    elif sys.argv[1] == "sdpa-kernels":
+        sdpa_kernels()
     elif sys.argv[1] == "variants":
         fp8_variants() if sys.argv[2:] == ["fp8"] else launch_variants()
     elif sys.argv[1] == "w4a8-tiles":

@@ -9,8 +9,6 @@ is checked against the chosen kernel's.
 ``python3 -m bench.tma_probe ws [rows,...]``: the same, one group per iteration, warp
 specialization off and on (on: 64 weight rows a program; 128 do not compile).
 ``python3 -m bench.tma_probe compile [tma|ws]``: compile every tile for sm_90 only (no GPU).
-``python3 -m bench.tma_probe sdpa``: the kernels of one cached step's attention (B=1,
-32 queries over 384 keys) through SDPA, its cuDNN op without the log-sum-exp, and flash.
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ruvdllm.kernels.w4a8 import decode_int4
+
 # (rows of x per program, weight rows per program, warps, stages, K split, groups per
 # iteration, warp specialization)
 Tile = tuple[int, int, int, int, int, int, bool]
@@ -32,14 +32,9 @@ Tile = tuple[int, int, int, int, int, int, bool]
 def _tma_group(acc, x_desc, w_desc, s_ptr, rn, pid_m, pid_n, g,  # type: ignore[no-untyped-def]
                stride_sg, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``acc`` plus group ``g``'s product, its tiles loaded by the tensor memory accelerator
-    (the nibble decoding is :func:`ruvdllm.kernels.w4a8._w4a8_group`'s)."""
+    (otherwise :func:`ruvdllm.kernels.w4a8._w4a8_group`)."""
     p = w_desc.load([pid_n * BLOCK_N, g * (GROUP // 2)])  # (BN, G/2) packed bytes
-    low, high = tl.inline_asm_elementwise(
-        "{.reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; "
-        "and.b32 $1, $2, 0xF0F0F0F0;}",
-        "=r,=r,r", [p], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-    w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUP // 32, 16, 2))  # (BN, G/32, 16, 2)
-    w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G)
+    w = decode_int4(p, BLOCK_N, GROUP)  # (BN, G)
     x = x_desc.load([pid_m * BLOCK_M, g * GROUP])  # (BM, G) int8
     s = tl.load(s_ptr + g * stride_sg + rn).to(tl.float32)
     return acc + tl.dot(w, tl.trans(x), out_dtype=tl.int32).to(tl.float32) * s[:, None]
@@ -168,42 +163,11 @@ def time_tiles(mode: str, rows: tuple[int, ...]) -> None:
         torch.cuda.empty_cache()
 
 
-def sdpa_kernels() -> None:
-    """Kernels and graph-timed µs of one cached step's attention, three ways."""
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench.gpu import graph_us
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 32, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, T, hd) over (B, T, H, hd)
-    k, v = (torch.randn(1, 32, 384, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-            for _ in range(2))
-    ref = F.scaled_dot_product_attention(q, k, v).float()
-    ops = torch.ops.aten
-    calls = {"sdpa": partial(F.scaled_dot_product_attention, q, k, v),
-             "cudnn, no lse": partial(ops._scaled_dot_product_cudnn_attention, q, k, v, None,
-                                      False),
-             "flash": partial(ops._scaled_dot_product_flash_attention, q, k, v)}
-    for name, fn in calls.items():
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        err = float((out.float() - ref).norm() / ref.norm())
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        names = [e.key[:60] for e in prof.key_averages()]
-        print(name, f"error {err:.2e}", round(graph_us([fn] * 32), 2), "µs", names, flush=True)
-
-
 if __name__ == "__main__":
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if cmd == "compile" and rest in ([], ["tma"], ["ws"]):
         compile_all(rest[0] if rest else "tma")
     elif cmd in ("tma", "ws") and len(rest) <= 1:
         time_tiles(cmd, tuple(int(m) for m in rest[0].split(",")) if rest else (32, 64, 384))
-    elif cmd == "sdpa" and not rest:
-        sdpa_kernels()
     else:
-        sys.exit("usage: python3 -m bench.tma_probe tma|ws [rows,...] | compile [tma|ws] | sdpa")
+        sys.exit("usage: python3 -m bench.tma_probe tma|ws [rows,...] | compile [tma|ws]")

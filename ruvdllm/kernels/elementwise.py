@@ -16,9 +16,9 @@ SwiGLU can also return their outputs' maxima, the input scale of a float8
 product with one scale (:mod:`ruvdllm.kernels.fp8`), or their outputs quantized per row
 (:mod:`ruvdllm.kernels.rowquant`: int8 for a W4A8 product, float8 for a row-scaled W8A8
 one), from registers. The residual sum also takes a split-K product's terms and adds
-them itself. Each kernel waits for its
-inputs with :func:`ruvdllm.kernels.pdl.wait_inputs`: on Hopper it is launched while the
-previous kernel is still running.
+them itself. Each kernel waits for its inputs with
+:func:`ruvdllm.kernels.pdl.wait_inputs`: on Hopper it is launched while the previous
+kernel is still running.
 
 (No ``from __future__ import annotations`` here: Triton reads the kernels'
 ``tl.constexpr`` annotations as objects.)

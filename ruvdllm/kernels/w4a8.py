@@ -45,14 +45,9 @@ from ruvdllm.kernels.weight_only import split_k_output, store_tile
 
 
 @triton.jit
-def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
-                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
-    rj = tl.arange(0, GROUP // 2)
-    rk = tl.arange(0, GROUP)
-    p = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + rj)[None, :],
-                mask=n_ok[:, None], other=0)  # (BN, G/2) packed bytes
-    # per 4 bytes, two bit operations each: low and high nibbles as int8 16 q
+def decode_int4(p, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):  # type: ignore[no-untyped-def]
+    """One group's packed bytes ``p`` ``(BN, G/2)`` as int8 ``16 q`` ``(BN, G)`` in column
+    order: per 4 bytes, two bit operations each for the low and the high nibbles."""
     low, high = tl.inline_asm_elementwise(
         "{.reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; "
         "and.b32 $1, $2, 0xF0F0F0F0;}",
@@ -60,7 +55,18 @@ def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-
     # byte j of a 16-byte chunk c holds columns 32 c + j (low) and 32 c + 16 + j (high):
     # a relabelling of registers, no data moves (checked in the SASS)
     w = tl.reshape(tl.join(low, high), (BLOCK_N, GROUP // 32, 16, 2))  # (BN, G/32, 16, 2)
-    w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G) in order
+    return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (BLOCK_N, GROUP))  # (BN, G) in order
+
+
+@triton.jit
+def _w4a8_group(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-untyped-def]
+                stride_xm, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc`` plus group ``g``'s product, scaled by its weight scales ``s`` ``(BN,)``."""
+    rj = tl.arange(0, GROUP // 2)
+    rk = tl.arange(0, GROUP)
+    p = tl.load(w_ptr + rn[:, None] * stride_wn + (g * (GROUP // 2) + rj)[None, :],
+                mask=n_ok[:, None], other=0)  # (BN, G/2) packed bytes
+    w = decode_int4(p, BLOCK_N, GROUP)  # (BN, G)
     xt = tl.load(x_ptr + rm[None, :] * stride_xm + (g * GROUP + rk)[:, None],
                  mask=m_ok[None, :], other=0)  # (G, BM) int8
     return acc + tl.dot(w, xt, out_dtype=tl.int32).to(tl.float32) * s[:, None]
