@@ -84,13 +84,14 @@ def _w4a8_pair(acc, x_ptr, w_ptr, s, rn, rm, n_ok, m_ok, g,  # type: ignore[no-u
 
 
 @triton.jit
-def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
-                 stride_xm, stride_wn, stride_sg, stride_ym, stride_ys, GROUP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                 UNROLL: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr):
-    """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` = weight tile times ``xᵀ``, over one K slice,
-    UNROLL (1, 2 or 4) groups per iteration. A split K's slices are added with atomics,
-    or with ``PARTIALS`` stored apart, slice ``k`` at ``y_ptr + k * stride_ys``.
+def w4a8_tile(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+              pid_n, pid_k, pid_m, split, stride_xm, stride_wn, stride_sg, stride_ym,
+              stride_ys, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              UNROLL: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    """``yᵀ`` tile ``(BLOCK_N, BLOCK_M)`` number ``(pid_n, pid_m)`` = weight tile times
+    ``xᵀ``, over slice ``pid_k`` of K split ``split`` ways, UNROLL (1, 2 or 4) groups
+    per iteration. With ``ADD`` the slices are added with atomics, else slice ``k`` is
+    stored at ``y_ptr + k * stride_ys``.
 
     The first scales are loaded before the wait on the input
     (:func:`ruvdllm.kernels.pdl.wait_inputs`): no kernel writes them. The scales of
@@ -98,15 +99,12 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
     copies ahead only what feeds ``tl.dot``, and a scale loaded where it is used
     stalled each iteration on a memory round trip.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ru = tl.arange(0, UNROLL)
     n_ok = rn < N
     m_ok = rm < M
-    per_split = K // GROUP // SPLIT_K  # the host makes SPLIT_K * UNROLL divide the groups
+    per_split = K // GROUP // split  # the host makes split * UNROLL divide the groups
     first = pid_k * per_split
     last = first + per_split - UNROLL
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -132,7 +130,20 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no
                              stride_wn, GROUP, BLOCK_N)
     xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0) * (1.0 / 16)  # the 16 of 16 q
     store_tile(y_ptr + pid_k * stride_ys, acc * xs[None, :], rn, rm, n_ok, m_ok, stride_ym,
-               SPLIT_K > 1 and not PARTIALS)
+               ADD)
+
+
+@triton.jit
+def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K,  # type: ignore[no-untyped-def]
+                 stride_xm, stride_wn, stride_sg, stride_ym, stride_ys, GROUP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                 UNROLL: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr):
+    """One :func:`w4a8_tile` a program: grid (column tiles, K slices, row tiles). A split
+    K's slices are added with atomics, or with ``PARTIALS`` stored apart."""
+    w4a8_tile(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K, tl.program_id(0),
+              tl.program_id(1), tl.program_id(2), SPLIT_K, stride_xm, stride_wn, stride_sg,
+              stride_ym, stride_ys, GROUP, BLOCK_M, BLOCK_N, UNROLL,
+              SPLIT_K > 1 and not PARTIALS, PDL)
 
 
 class W4A8Config(NamedTuple):
