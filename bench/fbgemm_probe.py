@@ -40,37 +40,35 @@ def _pack(q: Tensor) -> Tensor:
     return (q[:, ::2] & 0xF) | (q[:, 1::2] << 4)
 
 
+def _int4_groups(w: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``w`` float32 ``(N, K)`` as FBGEMM's symmetric int4 with one scale of
+    ``scale_dtype`` per group: the packed bytes in FBGEMM's shuffled layout, the
+    shuffled scales, and the weight they stand for (float32 ``(N, K)``)."""
+    N, K = w.shape
+    groups = w.view(N, K // GROUP, GROUP)  # (N, K/G, G)
+    gs = (groups.abs().amax(-1).clamp(min=1e-6) / 8).to(scale_dtype)  # (N, K/G)
+    q = (groups / gs.float()[..., None]).round().clamp(-8, 7)  # (N, K/G, G)
+    dense = (q * gs.float()[..., None]).view(N, K)
+    wq, gsp = torch.ops.fbgemm.preshuffle_i4(_pack(q.to(torch.int8).view(N, K)),
+                                             gs.t().contiguous())
+    return wq, gsp, dense
+
+
 def quantize_f8i4(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``w`` ``(N, K)`` in FBGEMM's f8i4 format: shuffled bytes, row scales ``(N,)``,
     shuffled float8 group scales; and the weight they stand for, float32 ``(N, K)``."""
-    N, K = w.shape
     row = w.float().abs().amax(1).clamp(min=1e-12) / FP8_MAX  # (N,)
     w8 = (w.float() / row[:, None]).to(torch.float8_e4m3fn).float()
-    groups = w8.view(N, K // GROUP, GROUP)  # (N, K/G, G)
-    gs = (groups.abs().amax(-1).clamp(min=1e-6) / 8).to(torch.float8_e4m3fn)  # (N, K/G)
-    q = (groups / gs.float()[..., None]).round().clamp(-8, 7)  # (N, K/G, G)
-    dense = (q * gs.float()[..., None]).view(N, K) * row[:, None]
-    wq, gsp = torch.ops.fbgemm.preshuffle_i4(_pack(q.to(torch.int8).view(N, K)),
-                                             gs.t().contiguous())
-    return wq, row, gsp, dense
+    wq, gsp, dense = _int4_groups(w8, torch.float8_e4m3fn)
+    return wq, row, gsp, dense * row[:, None]
 
 
 def quantize_bf16i4(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``w`` ``(N, K)`` for ``bf16i4bf16_shuffled``: shuffled bytes, bfloat16 group scales
     (shuffled) and zero points (symmetric: zeros); and the weight they stand for."""
-    N, K = w.shape
-    groups = w.float().view(N, K // GROUP, GROUP)  # (N, K/G, G)
-    gs = (groups.abs().amax(-1).clamp(min=1e-6) / 8).to(torch.bfloat16)  # (N, K/G)
-    q = (groups / gs.float()[..., None]).round().clamp(-8, 7)
-    dense = (q * gs.float()[..., None]).view(N, K)
-    wq, gsp = torch.ops.fbgemm.preshuffle_i4(_pack(q.to(torch.int8).view(N, K)),
-                                             gs.t().contiguous())
-    zeros = torch.zeros(K // GROUP, N, dtype=torch.bfloat16, device=w.device)
+    wq, gsp, dense = _int4_groups(w.float(), torch.bfloat16)
+    zeros = torch.zeros(w.shape[1] // GROUP, w.shape[0], dtype=torch.bfloat16, device=w.device)
     return wq, gsp, zeros, dense
-
-
-def _err(y: Tensor, ref: Tensor) -> float:
-    return float((y.float() - ref).norm() / ref.norm())
 
 
 def run(rows: tuple[int, ...]) -> None:
@@ -78,7 +76,7 @@ def run(rows: tuple[int, ...]) -> None:
     then µs per cached step."""
     import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm)
 
-    from bench.gpu import SHAPES, graph_us, weight_copies
+    from bench.gpu import SHAPES, graph_us, rel_err, weight_copies
     from ruvdllm.kernels.w4a8 import w4a8_matmul
     from ruvdllm.quant import W4A8Linear, quantize_activations_int8
 
@@ -99,11 +97,11 @@ def run(rows: tuple[int, ...]) -> None:
             x_i8 = xq.float() * xs[:, None]
             x_f8 = x8.float() * x8s.float()[:, None]
             errs = {
-                "w4a8": _err(w4a8_matmul(xq, xs, ours.weight, ours.scales, torch.bfloat16),
+                "w4a8": rel_err(w4a8_matmul(xq, xs, ours.weight, ours.scales, torch.bfloat16),
                              x_i8 @ ours.dequantize().float().t()),
-                "f8i4": _err(torch.ops.fbgemm.f8i4bf16_shuffled(x8, f8[0], x8s, f8[1], f8[2]),
+                "f8i4": rel_err(torch.ops.fbgemm.f8i4bf16_shuffled(x8, f8[0], x8s, f8[1], f8[2]),
                              x_f8 @ f8[3].t()),
-                "bf16i4": _err(torch.ops.fbgemm.bf16i4bf16_shuffled(x, *b16[:3]),
+                "bf16i4": rel_err(torch.ops.fbgemm.bf16i4bf16_shuffled(x, *b16[:3]),
                                x.float() @ b16[3].t())}
             times = {
                 "w4a8": graph_us([partial(w4a8_matmul, xq, xs, p, s, torch.bfloat16)

@@ -102,7 +102,7 @@ def weight_copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor,
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
@@ -147,14 +147,14 @@ def kernel_rows(ctx: BenchContext, tokens: list[int], w4a8_group: int) -> list[R
                                        q4.weight, q4.scales, x.dtype)), w4),
                                    ("int8", int8_matmul(x, q8.weight, q8.scales), w8)):
                     rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
-                                        _rel_err(y, x.float() @ w.t()), "",
+                                        rel_err(y, x.float() @ w.t()), "",
                                         note="Triton vs float32 product of the dequantized "
                                              "weight"))
                 exact = x.float() @ lin.weight.float().t()
                 for name, y in (("fp8", fp8_matmul(x, f8.weight, f8.scales)),
                                 (f"w4a8_g{w4a8_group}", _w4a8(x, a8.weight, a8.scales))):
                     rows.append(ctx.row("inference", f"kernel_rel_err{{{name},{label}}}",
-                                        _rel_err(y, exact), "",
+                                        rel_err(y, exact), "",
                                         note="vs float32 product of the bfloat16 weight "
                                              "(weight and input quantization's error)"))
             candidates: dict[str, list[Callable[[], object]]] = {

@@ -42,7 +42,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from bench.gpu import SHAPES, graph_us, weight_copies
+from bench.gpu import SHAPES, graph_us, rel_err, weight_copies
 from bench.inference import LLADA_8B, llada8b, random_prompts
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.quant import (
@@ -173,7 +173,7 @@ def sdpa_kernels() -> None:
     for name, fn in calls.items():
         out = fn()
         out = out[0] if isinstance(out, tuple) else out
-        err = float((out.float() - ref).norm() / ref.norm())
+        err = rel_err(out, ref)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()

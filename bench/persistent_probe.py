@@ -219,7 +219,7 @@ def resident(kernel: triton.compiler.CompiledKernel) -> int:
 
 def run(rows: tuple[int, ...]) -> None:
     """Print µs per step of each way, its TB/s of layer weights, and the check."""
-    from bench.gpu import graph_us
+    from bench.gpu import graph_us, rel_err
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in rows:
@@ -235,7 +235,7 @@ def run(rows: tuple[int, ...]) -> None:
                     continue
                 step.chain(programs, splits, 1, flat)
                 torch.cuda.synchronize()
-                errs = [float((y - r).norm() / r.norm())
+                errs = [rel_err(y, r)
                         for y, r in zip(step.chain_outputs(splits), ref, strict=True)]
                 if max(errs) > 1e-2 or int(step.err.item()):  # the bfloat16 outputs: ~2e-3
                     times[f"{label} p{programs}"] = (f"wrong (errors {max(errs):.3g}, "

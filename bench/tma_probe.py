@@ -134,7 +134,7 @@ def compile_all(mode: str) -> None:
 
 def time_tiles(mode: str, rows: tuple[int, ...]) -> None:
     """Print µs per product of the chosen W4A8 kernel and of each TMA tile."""
-    from bench.gpu import SHAPES, graph_us, weight_copies
+    from bench.gpu import SHAPES, graph_us, rel_err, weight_copies
     from ruvdllm.kernels.w4a8 import w4a8_config, w4a8_matmul
     from ruvdllm.quant import W4A8Linear, quantize_activations_int8
 
@@ -153,7 +153,7 @@ def time_tiles(mode: str, rows: tuple[int, ...]) -> None:
                 graph_us([partial(w4a8_matmul, xq, xs, p, s, x.dtype) for p, s in copies]), 1)}
             for t in tiles(mode, M, N, K):
                 y = tma_w4a8(xq, xs, q.weight, q.scales, t).float().sum(0)
-                err = float((y - ref).norm() / ref.norm())
+                err = rel_err(y, ref)
                 times[str(t)] = f"wrong ({err:.3g})" if err > 1e-2 else round(graph_us(
                     [partial(tma_w4a8, xq, xs, p, s, t) for p, s in copies]), 1)
             tma = {k: v for k, v in times.items() if k[0] == "(" and isinstance(v, float)}
