@@ -70,6 +70,16 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     return out
 
 
+def agreement(a: list[list[int]], b: list[list[int]], length: int) -> float:
+    """Percent of answer positions (padded to ``length``) holding the same token."""
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        x, y = x + [-1] * (length - len(x)), y + [-1] * (length - len(y))
+        same += sum(i == j for i, j in zip(x, y, strict=True))
+        total += length
+    return 100.0 * same / total
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100), linear interpolation; the median at 50."""
     return float(np.percentile(values, q))

@@ -26,6 +26,7 @@ larger than L2, median), the way the fast path runs them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import ruvdllm.model as model_module
-from bench.common import BenchContext, Row, percentile
+from bench.common import BenchContext, Row, agreement, percentile
 from bench.inference import LLADA_8B, bench_prompts, latency_rows, llada8b, measure, random_prompts
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM
@@ -185,16 +186,6 @@ def kernel_rows(ctx: BenchContext, tokens: list[int], w4a8_group: int) -> list[R
     return rows
 
 
-def _agreement(a: list[list[int]], b: list[list[int]], length: int) -> float:
-    """Percent of answer positions (padded to ``length``) holding the same token."""
-    same = total = 0
-    for x, y in zip(a, b, strict=True):
-        x, y = x + [-1] * (length - len(x)), y + [-1] * (length - len(y))
-        same += sum(i == j for i, j in zip(x, y, strict=True))
-        total += length
-    return 100.0 * same / total
-
-
 def agreement_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
     """Fast path vs reference tokens on the default model (float32, CUDA)."""
     rt = load("default", device="cuda")
@@ -204,15 +195,19 @@ def agreement_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
                                                             block_length=32))
     fast = FastSampler(rt.model)
     rows = []
-    variants: list[tuple[CacheMode, float | None]] = [
-        ("none", None), ("prefix", None), ("dual", None), ("dual", params["threshold"]),
-        ("delayed", None), ("delayed", params["threshold"])]
-    for cache, threshold in variants:
+    variants: list[tuple[CacheMode, float | None, int | None]] = [
+        ("none", None, None), ("prefix", None, None), ("dual", None, None),
+        ("dual", params["threshold"], None), ("delayed", None, None),
+        ("delayed", params["threshold"], None)]
+    variants += [(c, None, s) for s in params["suffixes"] for c in ("none", "delayed")]
+    for cache, threshold, suffix in variants:
         cfg = SamplerConfig(steps=steps, gen_length=G, block_length=32, cache=cache,
-                            threshold=threshold)
+                            threshold=threshold, suffix=suffix)
         got = fast.generate(prompts, cfg)
+        window = "" if suffix is None else f",suffix={suffix}"
         rows.append(ctx.row("inference", f"agreement_pct{{default,cache={cache},"
-                                          f"threshold={threshold}}}", _agreement(got, ref, G),
+                                          f"threshold={threshold}{window}}}",
+                            agreement(got, ref, G),
                             "%", note=f"fast path vs reference (no cache, fixed {steps} steps), "
                                       f"8 held-out prompts, {G} tokens, float32; "
                                       f"{fast.forwards} steps run in the last batch"))
@@ -293,7 +288,7 @@ def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     # Agreement on the 8B shape: the same fixed-step schedule without cache.
     ref_tokens = ref_sampler.generate(one, naive)
     rows.append(ctx.row("inference", "llada8b_agreement_pct{cache=none}",
-                        _agreement(fast.generate(one, naive), ref_tokens, G), "%",
+                        agreement(fast.generate(one, naive), ref_tokens, G), "%",
                         note="bfloat16, random weights, fast path vs reference, same schedule"))
     with _eager():
         ref_ms = _time({"ref": partial(naive_generate, model, one[0], naive)}, its)["ref"]
@@ -370,6 +365,27 @@ def _fast_path_rows(ctx: BenchContext, params: dict[str, Any], model: DiffusionL
                              f"{params['threshold']}, block {params['long_block_length']}; "
                              f"{fast.forwards} steps run (random weights: the threshold "
                              "rarely fires)"))
+    for suffix in params["suffixes"]:  # DPad windows: same schedules, fewer masks seen
+        cut = {"headline": dataclasses.replace(cfg, suffix=suffix),
+               "long": dataclasses.replace(long, suffix=suffix)}
+        # a sampler each: one keeps the graphs of one problem shape only
+        t = _time({"full": partial(FastSampler(model).generate, one, cfg),
+                   "cut": partial(FastSampler(model).generate, one, cut["headline"]),
+                   "long": partial(FastSampler(model).generate, one, cut["long"]),
+                   "cut8": partial(FastSampler(model).generate, batch, cut["headline"])}, its)
+        label = f"suffix={suffix}"
+        rows += [ctx.row("inference", f"llada8b_{tag}latency_p50_ms_b1{{{label}}}", t["cut"],
+                         "ms", note=f"{what}, {suffix} masks after the block"),
+                 ctx.row("inference", f"llada8b_{tag}suffix_speedup_b1{{{label}}}",
+                         t["full"] / t["cut"], "x",
+                         note="full suffix p50 / window p50 (B=1), interleaved, same run"),
+                 ctx.row("inference", f"llada8b_{tag}speedup_b1{{{label}}}", ref_ms / t["cut"],
+                         "x", note="naive reference p50 / window p50 (B=1, 8 steps), same run"),
+                 ctx.row("inference", f"llada8b_{tag}tokens_per_s_b8{{{label}}}",
+                         8 * G / t["cut8"] * 1e3, "tok/s", note=f"{what}, B=8"),
+                 ctx.row("inference",
+                         f"llada8b_{tag}p50_ms_{params['long_steps']}steps{{{label}}}",
+                         t["long"], "ms", note=f"as the {params['long_steps']}-step row")]
     return rows
 
 

@@ -14,6 +14,10 @@ every section measures on the same documents and with one fixed metric:
 Perplexity is the ELBO bound for the diffusion model (``ruvdllm.evaluate``),
 with a fixed seed so the float and quantized models see the same masks and
 their ratio is the quantization's effect, not the estimator's.
+
+The suffix windows of the sampler (DPad's suffix dropout, ``SamplerConfig.suffix``)
+change what the model sees, so their cost is measured here as chrF of the default
+model's answers against the held-out continuations, next to the full suffix.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.common import BenchContext, Row
+from bench.common import BenchContext, Row, agreement
 from bench.report import labelled
 from ruvdllm.corpus import documents
 from ruvdllm.evaluate import perplexity
 from ruvdllm.runtime import load
+from ruvdllm.sampler import Sampler, SamplerConfig
 from ruvdllm.tokenizer import Tokenizer
 from ruvdllm.train import token_stream
 
@@ -104,4 +109,31 @@ def run(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
         worst = max(ratios, key=ratios.__getitem__)
         rows.append(ctx.row("quality", f"{quant}_ppl_ratio_max", ratios[worst], "x",
                             note=f"worst domain: {worst}"))
+    return rows + suffix_rows(params, ctx)
+
+
+def suffix_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
+    """chrF of greedy answers with the whole masked suffix and with each window."""
+    rt = load(params["model"], device=ctx.device)
+    G, n = params["sampling_output_length"], params["sampling_prompts"]
+    pairs = heldout_prompts(rt.tokenizer, n, params["sampling_prompt_length"], G)
+    prompts = [p for p, _ in pairs]
+    refs = [rt.tokenizer.decode(c) for _, c in pairs]
+    cache = params["sampling_cache"]
+    sampler, rows = Sampler(rt.model), []
+    full: list[list[int]] = []
+    for suffix in [None, *params["suffixes"]]:
+        cfg = SamplerConfig(steps=params["sampling_steps"], gen_length=G, block_length=32,
+                            cache=cache, suffix=suffix)
+        answers = sampler.generate(prompts, cfg)
+        score = sum(chrf(rt.tokenizer.decode(a), r) for a, r in zip(answers, refs, strict=True))
+        what = f"{n} held-out prompts, {G} tokens, {cfg.steps} steps, block 32, {cache} cache"
+        rows.append(ctx.row("quality", labelled("chrf", cache=cache, suffix=suffix),
+                            score / n, "chrF", note=what))
+        if suffix is None:
+            full = answers
+            continue
+        rows.append(ctx.row("quality", labelled("suffix_agreement_pct", suffix=suffix),
+                            agreement(answers, full, G), "%",
+                            note=f"answer tokens equal to the full suffix's, {what}"))
     return rows

@@ -29,7 +29,8 @@ def _generate(args: argparse.Namespace) -> None:
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    threshold=args.threshold, temperature=args.temperature, seed=args.seed,
                    repetition_penalty=args.repetition_penalty,
-                   cache=args.cache, remasking=args.remasking, early_stop=args.early_stop)
+                   cache=args.cache, remasking=args.remasking, early_stop=args.early_stop,
+                   suffix=args.suffix)
     if args.stream:
         for piece in rt.stream(args.prompt, chat=args.chat, **options):
             print(piece, end="", flush=True)
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
     g.add_argument("--cache", default="none", choices=["none", "prefix", "dual", "delayed"])
     g.add_argument("--early-stop", action="store_true", help="stop once EOS is settled")
+    g.add_argument("--suffix", type=int, default=None,
+                   help="masked positions after the block that a step sees (DPad's suffix "
+                   "dropout; default: all)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stream", action="store_true", help="print text as it is committed")

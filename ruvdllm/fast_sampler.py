@@ -17,8 +17,8 @@ threshold), organised so that a step is a fixed sequence of kernels:
   block just committed at a block's first step
   (:meth:`~ruvdllm.sampler.Sampler._forward_delayed` states the approximation);
 * the block is addressed by a device tensor (``lo``), so one captured graph
-  serves every block of the dual and delayed caches (prefix steps have one
-  graph per block, their query length differs);
+  serves every block of the dual and delayed caches (prefix steps, and every
+  step under a ``suffix`` window, have one graph per block: their lengths differ);
 * committing (top-k by confidence, threshold, EOS bookkeeping) is tensor
   arithmetic on the device: no ``.item()``, no ``nonzero`` inside a step;
 * logits are computed for the block's rows only, and with 16-bit logits the greedy
@@ -47,7 +47,14 @@ from torch import Tensor
 
 from ruvdllm.cuda_graph import GraphSteps
 from ruvdllm.model import DiffusionLM, StaticKV, fused_kernels
-from ruvdllm.sampler import CacheMode, Sampler, SamplerConfig, SamplerError, left_pad
+from ruvdllm.sampler import (
+    CacheMode,
+    Sampler,
+    SamplerConfig,
+    SamplerError,
+    left_pad,
+    visible_end,
+)
 
 # full: every slot; dual: the block; prefix: the block and all after it;
 # refresh: the block just committed and the block (the delayed cache's block start).
@@ -155,7 +162,8 @@ class FastSampler:
         valid = torch.cat([pvalid, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L)
         padded = any(len(p) < P for p in prompts)
-        key = (B, P, G, cfg.block_length, cfg.cache, cfg.threshold, cfg.early_stop, padded)
+        key = (B, P, G, cfg.block_length, cfg.cache, cfg.threshold, cfg.early_stop, padded,
+               cfg.suffix)
         plan = self.plan
         if plan is None or plan.key != key:
             self.plan = None  # free the old buffers and graphs before allocating new ones
@@ -191,30 +199,37 @@ class FastSampler:
 
         if plan.graphs is None:
             step()
-        else:  # prefix steps have a query length of their own per block
-            plan.graphs.run((phase, lo if phase == "prefix" else None), step)
+        else:  # prefix steps and suffix windows have lengths of their own per block
+            per_block = phase == "prefix" or cfg.suffix is not None
+            plan.graphs.run((phase, lo if per_block else None), step)
 
     def _step(self, plan: _Plan, phase: Phase, lo: int, cfg: SamplerConfig) -> None:
         """One denoising step, all on the device: forward, then commit."""
         model = self.model
         block = plan.lo + plan.block_slots  # (Tb,) slots of the current block
+        Tb, L = block.shape[0], plan.x.shape[1]
+        end = visible_end(lo + Tb, L, cfg.suffix)  # slots [0, end) are seen (suffix window)
         if phase == "full":  # every slot: refreshes the caches at a block's first step
-            logits = model.forward_into(plan.x, plan.positions, plan.slots, plan.buffers,
-                                        plan.attn_mask, block)
+            logits = model.forward_into(plan.x[:, :end], plan.positions[:, :end],
+                                        plan.slots[:end], plan.buffers, plan.attn_mask, block,
+                                        end)
         elif phase == "dual":  # the block alone; the other slots hold the cached keys
             logits = model.forward_into(plan.x.index_select(1, block),
                                         plan.positions.index_select(1, block), block,
-                                        plan.buffers, plan.attn_mask, plan.block_slots)
+                                        plan.buffers, plan.attn_mask, plan.block_slots, end)
         elif phase == "refresh":  # the block just committed and the block, over the cache
             window = plan.lo + plan.window_slots  # (2 Tb,)
+            seen = max(visible_end(lo, L, cfg.suffix), lo + Tb)  # encoded by earlier steps
+            if end > seen:  # and the slots that entered the suffix window
+                window = torch.cat([window, plan.slots[seen:end]])
             logits = model.forward_into(plan.x.index_select(1, window),
                                         plan.positions.index_select(1, window), window,
-                                        plan.buffers, plan.attn_mask,
-                                        plan.block_slots + block.shape[0])
+                                        plan.buffers, plan.attn_mask, plan.block_slots + Tb,
+                                        end)
         else:  # prefix: the block and everything after it, over the cached prefix
-            logits = model.forward_into(plan.x[:, lo:], plan.positions[:, lo:],
-                                        plan.slots[lo:], plan.buffers, plan.attn_mask,
-                                        plan.block_slots)
+            logits = model.forward_into(plan.x[:, lo:end], plan.positions[:, lo:end],
+                                        plan.slots[lo:end], plan.buffers, plan.attn_mask,
+                                        plan.block_slots, end)
         self._commit(plan, logits, block, cfg)
 
     def _commit(self, plan: _Plan, logits: Tensor, block: Tensor, cfg: SamplerConfig) -> None:

@@ -345,16 +345,16 @@ class Block(nn.Module):
 
     def forward_into(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
                      keys: Tensor, values: Tensor, index: Tensor,
-                     pending: Tensor | None) -> tuple[Tensor, Tensor]:
+                     pending: Tensor | None, length: int | None = None) -> tuple[Tensor, Tensor]:
         """Encode ``x + pending`` ``(B, T, d)`` at sequence slots ``index`` ``(T,)`` of a
         fixed buffer; ``(s, u)`` as :meth:`_attend_and_mlp` (the output is ``s + u``).
 
         ``pending`` is the previous block's ``u`` (split-K terms too, :func:`settle`),
         added by this block's first norm kernel. The new keys/values are written into
         ``keys``/``values`` ``(B, Hkv, L, hd)`` at ``index`` (replacing what those slots
-        held), then the queries attend to all ``L`` slots. Shapes never change, so the
-        call can be captured in a CUDA graph; bidirectional attention does not care
-        about slot order.
+        held), then the queries attend to all ``L`` slots, or to the first ``length``
+        (``attn_mask`` already cut to them). Shapes never change, so the call can be
+        captured in a CUDA graph; bidirectional attention does not care about slot order.
         """
         fused = self._fused_for("qkv")
         if fused is not None and fused_kernels(x):  # one kernel: RoPE and the two slot writes
@@ -367,6 +367,8 @@ class Block(nn.Module):
             q, k, v = self._qkv(x, cos, sin)
             keys.index_copy_(2, index, k)
             values.index_copy_(2, index, v)
+        if length is not None:
+            keys, values = keys[:, :, :length], values[:, :, :length]  # (B, Hkv, length, hd)
         # in eval the norm kernels sum split-K terms (dropout would treat each apart)
         return self._attend_and_mlp(x, q, keys, values, attn_mask,
                                     partials=SPLIT_K_PARTIALS and fused_kernels(x)
@@ -498,17 +500,18 @@ class DiffusionLM(nn.Module):
                            cache=new_cache)
 
     def forward_into(self, input_ids: Tensor, positions: Tensor, index: Tensor,
-                     buffers: StaticKV, attn_mask: Tensor | None, logits_rows: Tensor) -> Tensor:
+                     buffers: StaticKV, attn_mask: Tensor | None, logits_rows: Tensor,
+                     length: int | None = None) -> Tensor:
         """Logits ``(B, R, V)`` of rows ``logits_rows`` ``(R,)`` of ``input_ids`` ``(B, T)``.
 
         The shape-stable forward of the GPU fast path (:mod:`ruvdllm.fast_sampler`):
         the tokens sit at slots ``index`` ``(T,)`` of the sequence held by
         ``buffers``; their keys/values overwrite those slots and every query
-        attends to all slots where ``attn_mask`` ``(B, 1, 1, L)`` (None: all) is
-        True. A whole-sequence forward (``index`` = all slots) equals
-        :meth:`forward`; a block forward over fresh buffers is Fast-dLLM's dual
-        cache. Index tensors, not Python slices, select rows, so one captured
-        graph serves every block.
+        attends to all slots (or the first ``length``: a suffix window) where
+        ``attn_mask`` ``(B, 1, 1, L)`` (None: all) is True. A whole-sequence forward
+        (``index`` = all slots) equals :meth:`forward`; a block forward over fresh
+        buffers is Fast-dLLM's dual cache. Index tensors, not Python slices, select
+        rows, so one captured graph serves every block.
         """
         cfg = self.config
         if cfg.causal:
@@ -517,10 +520,12 @@ class DiffusionLM(nn.Module):
         tr = self.transformer
         x = tr.wte(input_ids)
         blocks = cast(list[Block], list(tr.blocks))
+        if attn_mask is not None and length is not None:
+            attn_mask = attn_mask[..., :length]  # (B, 1, 1, length)
         pending: Tensor | None = None  # each block's last residual sum, left to the next
         for block, keys, values in zip(blocks, buffers.keys, buffers.values, strict=True):
             x, pending = block.forward_into(x, cos, sin, attn_mask, keys, values, index,
-                                            pending)
+                                            pending, length)
         if cfg.logits_shift:  # Dream: the output at i - 1 predicts token i
             logits_rows = (logits_rows - 1).clamp(min=0)
         x = x.index_select(1, logits_rows)  # (B, R, d): the last sum for these rows only

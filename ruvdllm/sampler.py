@@ -18,6 +18,12 @@ Fast path (Fast-dLLM, Wu et al. 2025) on top of the same loop:
 * ``early_stop``: a row is finished once an EOS and everything before it are
   committed; the loop ends when every row is.
 
+``suffix`` (DPad's suffix dropout, Chen et al. 2025) cuts the masked positions
+after the block to the nearest ``suffix``: a step sees the prompt, the answer up
+to the block's end and that many masks, never the rest. Far masks carry little
+the block needs (measured: docs/decisions.md), and without them the answer's
+first step encodes the prompt and one block instead of the whole sequence.
+
 The timestep ``t`` of a row is the fraction of its answer still masked, the
 definition of DESIGN §3, so hooks (TALoRA, DGR) see the same ``t`` whatever the
 schedule. Rows are left-padded and attend only to their own tokens with
@@ -56,6 +62,7 @@ class SamplerConfig:
     cache: CacheMode = "none"
     early_stop: bool = False
     seed: int = 0
+    suffix: int | None = None  # masked positions seen after the block; None: all
 
     def validate(self, max_len: int, prompt_len: int, logits_shift: bool = False) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -74,6 +81,8 @@ class SamplerConfig:
             raise SamplerError(f"unknown cache mode {self.cache!r}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise SamplerError("threshold must be in (0, 1]")
+        if self.suffix is not None and self.suffix < 0:
+            raise SamplerError(f"suffix must be >= 0 masked positions, got {self.suffix}")
         if logits_shift and self.cache != "none":
             raise SamplerError("caches need the model's own logits at each position; this "
                                "model shifts logits (Dream), use cache='none'")
@@ -186,6 +195,11 @@ def penalize_repeats(logits: Tensor, x: Tensor, penalty: float, special: list[in
     return torch.where(seen, penalized, logits)
 
 
+def visible_end(hi: int, length: int, suffix: int | None) -> int:
+    """End of what a step of the block ending at ``hi`` sees: ``suffix`` masks past it."""
+    return length if suffix is None else min(length, hi + suffix)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(B, P)`` ids and validity mask for prompts left-padded to the longest."""
     width = max(len(p) for p in prompts)
@@ -240,6 +254,7 @@ class Sampler:
         cache: KVCache | None = None
         for b in range(n_blocks):
             lo, hi = P + b * cfg.block_length, P + (b + 1) * cfg.block_length
+            end = visible_end(hi, x.shape[1], cfg.suffix)  # what this block's steps see
             if cfg.cache != "delayed":  # the delayed cache lives across blocks
                 cache = None
             for s in range(steps_per_block):
@@ -252,7 +267,8 @@ class Sampler:
                                   answer_start=P, span=(lo, hi))
                 for hook in self.hooks:
                     hook.before_forward(state)
-                logits, hidden, cache = self._forward(x, valid, positions, lo, hi, cache, cfg,
+                logits, hidden, cache = self._forward(x[:, :end], valid[:, :end],
+                                                      positions[:, :end], lo, hi, cache, cfg,
                                                       first_step=s == 0)
                 committed, remasked = self._step(x, logits, hidden, state, block_masked,
                                                  steps_per_block - s, cfg, gen, done)
@@ -312,21 +328,34 @@ class Sampler:
         keys/values are those of the first step (they never see a committed
         answer token), and a committed block's are refreshed once, when the next
         block starts (they never see later blocks). ``cache`` holds every
-        position in sequence order; the encoded window's slots are overwritten.
+        position encoded so far, in sequence order; the encoded slots are
+        overwritten. With a ``suffix`` window, ``x`` ends where this block's
+        window ends and a block's first step also encodes the positions that
+        entered the window since the last block.
         """
-        L, Tb = x.shape[1], hi - lo
+        L, seen, Tb = x.shape[1], cache.length, hi - lo
         start = lo - Tb if first_step else lo
-        rest = torch.cat([torch.arange(start, device=x.device),
-                          torch.arange(hi, L, device=x.device)])
-        out = self.model(x[:, start:hi], positions=positions[:, start:hi],
-                         valid=valid[:, start:hi], cache=cache.select(rest), return_cache=True,
-                         return_hidden=True, logits_slice=slice(lo - start, hi - start))
+        dev = x.device
+        encode = torch.cat([torch.arange(start, hi, device=dev),
+                            torch.arange(max(seen, hi), L, device=dev)])  # new positions last
+        rest = torch.cat([torch.arange(start, device=dev),
+                          torch.arange(hi, max(seen, hi), device=dev)])
+        out = self.model(x[:, encode], positions=positions[:, encode], valid=valid[:, encode],
+                         cache=cache.select(rest), return_cache=True, return_hidden=True,
+                         logits_slice=slice(lo - start, hi - start))
         assert out.hidden is not None and out.cache is not None
-        T = hi - start
+        T = encode.shape[0]
+        slots: list[Tensor] = []
         for full, fresh in zip([*cache.keys, *cache.values],
                                [*out.cache.keys, *out.cache.values], strict=True):
-            full[:, :, start:hi] = fresh[:, :, -T:]  # (B, Hkv, T, hd): the window's slots
-        return out.logits, out.hidden[:, lo - start:], cache
+            if seen < L:  # room for the positions that entered the window
+                B, H, _, hd = full.shape
+                full = torch.cat([full, full.new_zeros(B, H, L - seen, hd)], dim=2)  # (B,H,L,hd)
+            full[:, :, encode] = fresh[:, :, -T:]  # the encoded slots
+            slots.append(full)
+        n = len(cache.keys)
+        return out.logits, out.hidden[:, lo - start: hi - start], KVCache(
+            slots[:n], slots[n:], positions, valid)
 
     def _step(
         self, x: Tensor, logits: Tensor, hidden: Tensor, state: StepState,

@@ -38,7 +38,10 @@ def model() -> DiffusionLM:
 
 OPTIONS = [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "delayed"}, {"threshold": 0.3},
            {"threshold": 0.3, "cache": "dual"}, {"threshold": 0.3, "cache": "delayed"},
-           {"early_stop": True}, {"threshold": 0.3, "cache": "prefix", "early_stop": True}]
+           {"early_stop": True}, {"threshold": 0.3, "cache": "prefix", "early_stop": True},
+           {"suffix": 0}, {"cache": "delayed", "suffix": 0}, {"cache": "delayed", "suffix": 8},
+           {"cache": "delayed", "suffix": 5, "threshold": 0.3}, {"cache": "dual", "suffix": 3},
+           {"cache": "prefix", "suffix": 8, "early_stop": True}]
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -60,6 +63,26 @@ def test_delayed_cache_encodes_less_and_differs_from_dual(model):
     answer = FastSampler(model).generate(PROMPTS, cfg)
     assert answer == Sampler(model).generate(PROMPTS, cfg)
     assert all(len(a) > 0 for a in answer)
+
+
+@pytest.mark.parametrize("suffix,rows", [(None, [36, 16, 16, 16]), (0, [12, 16, 16, 16]),
+                                         (8, [20, 24, 24, 16])])
+def test_suffix_window_cuts_what_the_delayed_cache_encodes(model, monkeypatch, suffix, rows):
+    """DPad's window: the first step encodes the prompt, the block and ``suffix`` masks;
+    a block's first step adds the masks that entered the window (4-token prompt)."""
+    seen: list[tuple[int, int | None]] = []
+    forward_into = model.forward_into
+
+    def record(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((ids.shape[1], args[-1] if len(args) > 5 else None))
+        return forward_into(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_into", record)
+    cfg = SamplerConfig(steps=4, gen_length=32, block_length=8, cache="delayed", suffix=suffix)
+    FastSampler(model).generate([PROMPTS[0][:4]], cfg)
+    assert [n for n, _ in seen] == rows
+    ends = [36 if suffix is None else min(36, 4 + 8 * (b + 1) + suffix) for b in range(4)]
+    assert [length for _, length in seen] == ends  # keys attended: the window's end
 
 
 def test_threshold_skips_steps(model):

@@ -32,27 +32,29 @@ def model() -> DiffusionLM:
 
 
 def llada_reference(model: DiffusionLM, prompt: list[int], steps: int, gen_length: int,
-                    block_length: int) -> list[int]:
-    """LLaDA's greedy low-confidence remasking, written out plainly for one prompt."""
+                    block_length: int, suffix: int | None = None) -> list[int]:
+    """LLaDA's greedy low-confidence remasking, written out plainly for one prompt;
+    with ``suffix``, the model sees only that many masks after the block (DPad)."""
     x = torch.tensor([prompt + [MASK] * gen_length])
     P = len(prompt)
     n_blocks = gen_length // block_length
     per_block = steps // n_blocks
     for b in range(n_blocks):
         lo, hi = P + b * block_length, P + (b + 1) * block_length
+        seen = x.shape[1] if suffix is None else hi + suffix
         n_mask = int((x[0, lo:hi] == MASK).sum())
         counts = [n_mask // per_block] * per_block
         for i in range(n_mask % per_block):
             counts[i] += 1
         for k in counts:
             with torch.no_grad():
-                logits = model(x).logits[0]
+                logits = model(x[:, :seen]).logits[0]
             probs = F.softmax(logits.float(), dim=-1)
             pred = logits.argmax(-1)
             conf = probs.gather(-1, pred[:, None]).squeeze(-1).double()
             conf[:lo] = -torch.inf
             conf[hi:] = -torch.inf
-            conf[x[0] != MASK] = -torch.inf
+            conf[x[0, :seen] != MASK] = -torch.inf
             chosen = torch.topk(conf, k).indices
             x[0, chosen] = pred[chosen]
     ans = x[0, P:].tolist()
@@ -69,8 +71,27 @@ def test_reference_matches_llada(model, steps, gen, block):
         assert Sampler(model).generate([p], cfg)[0] == llada_reference(model, p, steps, gen, block)
 
 
+@pytest.mark.parametrize("suffix", [0, 3, 8])
+def test_suffix_window_matches_llada_on_the_cut_sequence(model, suffix):
+    cfg = SamplerConfig(steps=12, gen_length=24, block_length=8, suffix=suffix)
+    for p in PROMPTS[:2]:
+        assert Sampler(model).generate([p], cfg)[0] == llada_reference(model, p, 12, 24, 8,
+                                                                       suffix)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "delayed"])
+def test_suffix_window_past_the_answer_changes_nothing_and_a_short_one_does(model, cache):
+    base = SamplerConfig(steps=12, gen_length=24, block_length=8, cache=cache)
+    full = Sampler(model).generate(PROMPTS, base)
+    wide = SamplerConfig(steps=12, gen_length=24, block_length=8, cache=cache, suffix=16)
+    assert Sampler(model).generate(PROMPTS, wide) == full  # the last block start sees all
+    short = SamplerConfig(steps=12, gen_length=24, block_length=8, cache=cache, suffix=0)
+    assert Sampler(model).generate(PROMPTS, short) != full
+
+
 @pytest.mark.parametrize("options", [{}, {"threshold": 0.3, "cache": "prefix"},
-                                     {"threshold": 0.3, "cache": "dual"}, {"early_stop": True}])
+                                     {"threshold": 0.3, "cache": "dual"}, {"early_stop": True},
+                                     {"cache": "delayed", "suffix": 8}])
 def test_batch_size_does_not_change_greedy_output(model, options):
     cfg = SamplerConfig(steps=16, gen_length=16, block_length=8, **options)
     alone = [Sampler(model).generate([p], cfg)[0] for p in PROMPTS]
@@ -153,6 +174,7 @@ def test_early_stop_ends_once_eos_is_settled(model):
     ({"steps": 6, "gen_length": 32, "block_length": 8}, "multiple"),
     ({"gen_length": 512, "block_length": 32}, "max_sequence_length"),
     ({"threshold": 1.5}, "threshold"),
+    ({"suffix": -1}, "suffix must be >= 0"),
 ])
 def test_bad_options_refused(model, options, message):
     with pytest.raises(SamplerError, match=message):
