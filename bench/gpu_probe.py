@@ -21,6 +21,10 @@ session 7's product tiles and this code's, and with SDPA's backends in other ord
 one process (sessions 5-7 timed programmatic dependent launch and split-K terms summed
 by the norm kernels the same way: docs/decisions.md).
 
+``python3 -m bench.gpu_probe rows [w4a8|bf16]``: one graphed forward of the 8B shape at B=1
+by encoded rows and attended slots: what a step costs at each size the samplers use (384: the
+whole sequence; 160: prompt and block under a suffix window of 0; 64: a delayed refresh).
+
 ``python3 -m bench.gpu_probe profile [bf16|w4|fp8|w4a8 ...]``: the fast path's kernels
 under ``torch.profiler`` (graphs off, so each kernel is seen; their sum is within a
 few percent of the graphed wall time, also printed), for 8 steps at B=1 and B=8 and
@@ -229,6 +233,28 @@ def profile(quant: str) -> None:
         _kernel_table(partial(eager.generate, prompts, cfg), f"{quant} {label}")
 
 
+def forward_rows(quant: str) -> None:
+    """Print ms per graphed ``forward_into`` at B=1 for (slots attended, rows encoded)."""
+    from ruvdllm.model import StaticKV
+
+    model = llada8b(torch.bfloat16)
+    if quant == "w4a8":
+        quantize_model(model, "w4a8", group_size=128, embedding=True)
+    model.fuse_projections()
+    torch.cuda.empty_cache()
+    for L, T in ((384, 384), (256, 256), (224, 224), (192, 192), (160, 160), (384, 128),
+                 (384, 96), (384, 64), (160, 64), (384, 32)):
+        buffers = StaticKV.empty(model.config, 1, L, torch.bfloat16, torch.device("cuda"))
+        ids = torch.randint(4, 100_000, (1, T), device="cuda")
+        slots = torch.arange(L - T, L, device="cuda")  # the last T slots, as a block would be
+        block = torch.arange(T - 32, T, device="cuda")  # logits for 32 rows
+        with torch.no_grad():
+            us = graph_us([partial(model.forward_into, ids, slots[None], slots, buffers, None,
+                                   block)])
+        print(f"{quant} slots={L} rows={T}: {us / 1e3:.3f} ms", flush=True)
+        del buffers
+
+
 def launch_variants() -> None:
     """Graphed wall time of each schedule, W4A8, in one process: the product tiles of
     session 8 against session 7's, and SDPA's backends in another order.
@@ -308,9 +334,10 @@ def _schedules() -> list[tuple[str, list[list[int]], SamplerConfig]]:
 
 if __name__ == "__main__":
     usage = ("usage: python3 -m bench.gpu_probe scaled-mm | w4a8-tiles [group [rows,...]] | "
-             "sdpa | sdpa-kernels | variants [fp8] | profile [bf16|w4|fp8|w4a8 ...]")
+             "sdpa | sdpa-kernels | variants [fp8] | rows [w4a8|bf16] | "
+             "profile [bf16|w4|fp8|w4a8 ...]")
     if len(sys.argv) < 2 or sys.argv[1] not in ("scaled-mm", "w4a8-tiles", "sdpa",
-                                                 "sdpa-kernels", "variants", "profile"):
+                                                 "sdpa-kernels", "variants", "rows", "profile"):
         sys.exit(usage)
     if sys.argv[1] == "scaled-mm":
         scaled_mm_rows()
@@ -318,6 +345,10 @@ if __name__ == "__main__":
         sdpa_rows()
     elif sys.argv[1] == "sdpa-kernels":
         sdpa_kernels()
+    elif sys.argv[1] == "rows":
+        if sys.argv[2:] not in ([], ["w4a8"], ["bf16"]):
+            sys.exit(usage)
+        forward_rows((sys.argv[2:] or ["w4a8"])[0])
     elif sys.argv[1] == "variants":
         fp8_variants() if sys.argv[2:] == ["fp8"] else launch_variants()
     elif sys.argv[1] == "w4a8-tiles":
