@@ -366,13 +366,13 @@ def _fast_path_rows(ctx: BenchContext, params: dict[str, Any], model: DiffusionL
                              f"{fast.forwards} steps run (random weights: the threshold "
                              "rarely fires)"))
     for suffix in params["suffixes"]:  # DPad windows: same schedules, fewer masks seen
-        cut = {"headline": dataclasses.replace(cfg, suffix=suffix),
-               "long": dataclasses.replace(long, suffix=suffix)}
+        cut = dataclasses.replace(cfg, suffix=suffix)
         # a sampler each: one keeps the graphs of one problem shape only
         t = _time({"full": partial(FastSampler(model).generate, one, cfg),
-                   "cut": partial(FastSampler(model).generate, one, cut["headline"]),
-                   "long": partial(FastSampler(model).generate, one, cut["long"]),
-                   "cut8": partial(FastSampler(model).generate, batch, cut["headline"])}, its)
+                   "cut": partial(FastSampler(model).generate, one, cut),
+                   "long": partial(FastSampler(model).generate, one,
+                                   dataclasses.replace(long, suffix=suffix)),
+                   "cut8": partial(FastSampler(model).generate, batch, cut)}, its)
         label = f"suffix={suffix}"
         rows += [ctx.row("inference", f"llada8b_{tag}latency_p50_ms_b1{{{label}}}", t["cut"],
                          "ms", note=f"{what}, {suffix} masks after the block"),

@@ -349,8 +349,7 @@ class Sampler:
         for full, fresh in zip([*cache.keys, *cache.values],
                                [*out.cache.keys, *out.cache.values], strict=True):
             if seen < L:  # room for the positions that entered the window
-                B, H, _, hd = full.shape
-                full = torch.cat([full, full.new_zeros(B, H, L - seen, hd)], dim=2)  # (B,H,L,hd)
+                full = F.pad(full, (0, 0, 0, L - seen))  # (B, Hkv, L, hd)
             full[:, :, encode] = fresh[:, :, -T:]  # the encoded slots
             slots.append(full)
         n = len(cache.keys)
