@@ -8,7 +8,8 @@ Called by the ``inference`` and ``memory`` sections under ``--device cuda``
    and the fp8 (W8A8) product, each checked against a float32 product first
    (relative error rows);
 2. agreement: tokens of the fast path against the reference sampler, on the
-   default (trained) model in float32 and on the 8B shape in bfloat16;
+   default (trained) model in float32 and on the 8B shape in bfloat16; and
+   ``Runtime.generate`` on the default model, its fast path against the reference;
 3. latency: the naive reference (:func:`naive_generate`: issue #6's definition,
    eager, a full forward with every position's logits every step) and the fast
    path (``FastSampler``: caches, threshold, CUDA graphs) on the 8B shape with
@@ -216,6 +217,29 @@ def agreement_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def runtime_rows(ctx: BenchContext, params: dict[str, Any]) -> list[Row]:
+    """``Runtime.generate`` on CUDA (default model, float32): its fast path against the
+    reference sampler it ran before, timed interleaved, text to text (tokenizer included)."""
+    fast, ref = (load("default", device="cuda", fast=f) for f in (True, False))
+    prompt = fast.tokenizer.decode(bench_prompts(fast.tokenizer, 1, 64)[0])
+    options = dict(steps=params["agreement_steps"], gen_length=params["agreement_output_length"],
+                   block_length=32, cache="delayed")
+    same = fast.generate(prompt, **options) == ref.generate(prompt, **options)
+    ms = _time({"fast": partial(fast.generate, prompt, **options),
+                "reference": partial(ref.generate, prompt, **options)},
+               params["llada8b_iterations"])
+    what = (f"Runtime.generate, default model, float32, B=1, {options['gen_length']} tokens, "
+            f"{options['steps']} steps, delayed cache")
+    rows = [ctx.row("inference", f"runtime_generate_p50_ms{{default,sampler={name}}}", v, "ms",
+                    note=what) for name, v in ms.items()]
+    rows.append(ctx.row("inference", "runtime_fast_path_speedup{default}",
+                        ms["reference"] / ms["fast"], "x",
+                        note=f"{what}; same text as the reference: {same}"))
+    del fast, ref
+    torch.cuda.empty_cache()
+    return rows
+
+
 def _time(fns: dict[str, Callable[[], object]], iterations: int) -> dict[str, float]:
     """Median ms of each function (interleaved rounds, two untimed: capture, autotune)."""
     t = measure(fns, iterations, 2, "cuda")
@@ -276,7 +300,7 @@ def naive_generate(model: DiffusionLM, prompt: list[int], cfg: SamplerConfig) ->
 def llada8b_rows(params: dict[str, Any], ctx: BenchContext) -> list[Row]:
     """Every LLaDA-8B-shape inference row of the issue's goals (see module doc)."""
     rows = kernel_rows(ctx, params["kernel_tokens"], params["w4a8_group_size"])
-    rows += agreement_rows(ctx, params)
+    rows += agreement_rows(ctx, params) + runtime_rows(ctx, params)
     P, G = params["llada8b_prompt_length"], params["llada8b_output_length"]
     steps, its = params["llada8b_steps"], params["llada8b_iterations"]
     model = llada8b(getattr(torch, params["llada8b_dtype"]))

@@ -25,7 +25,8 @@ USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, Va
 def _generate(args: argparse.Namespace) -> None:
     from ruvdllm.runtime import load
 
-    rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device)
+    rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device,
+              fast=args.fast)
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    threshold=args.threshold, temperature=args.temperature, seed=args.seed,
                    repetition_penalty=args.repetition_penalty,
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stream", action="store_true", help="print text as it is committed")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the GPU fast path (caches, device-side commits, CUDA graphs); default: "
+                   "on CUDA when the options allow it (greedy, --repetition-penalty 1, "
+                   "low-confidence remasking); --stream always runs the reference sampler")
     g.set_defaults(func=_generate)
 
     q = sub.add_parser("quantize", help="write a quantized checkpoint (int8/int4 weight-only, "

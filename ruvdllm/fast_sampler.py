@@ -101,14 +101,15 @@ class FastSampler:
         self.forwards = 0  # steps run by the last call (threshold/early stop lower it)
 
     @staticmethod
-    def check(cfg: SamplerConfig) -> None:
-        """Refuse the options only the reference sampler has."""
+    def refusal(cfg: SamplerConfig) -> str | None:
+        """Why ``cfg`` needs the reference sampler (an option only it has), or None."""
         if cfg.temperature != 0:
-            raise SamplerError("the fast sampler is greedy (temperature 0); use Sampler")
+            return "the fast sampler is greedy (temperature 0); use the reference sampler"
         if cfg.repetition_penalty != 1.0:
-            raise SamplerError("the fast sampler has no repetition penalty; use Sampler")
+            return "the fast sampler has no repetition penalty; use the reference sampler"
         if cfg.remasking != "low_confidence":
-            raise SamplerError("the fast sampler remasks by low confidence only; use Sampler")
+            return "the fast sampler remasks by low confidence only; use the reference sampler"
+        return None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], cfg: SamplerConfig) -> list[list[int]]:
@@ -117,7 +118,9 @@ class FastSampler:
         if not prompts or any(not p for p in prompts):
             raise SamplerError("every prompt needs at least one token")
         cfg.validate(mcfg.max_sequence_length, max(len(p) for p in prompts), mcfg.logits_shift)
-        self.check(cfg)
+        refusal = self.refusal(cfg)
+        if refusal is not None:
+            raise SamplerError(refusal)
         plan = self._prepare(prompts, cfg)
         P = plan.x.shape[1] - cfg.gen_length
         n_blocks = cfg.gen_length // cfg.block_length

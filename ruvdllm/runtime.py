@@ -2,7 +2,8 @@
 
 The Runtime turns text in into text out; everything below it works on token
 ids. Options of :meth:`Runtime.generate` are :class:`~ruvdllm.sampler.SamplerConfig`
-fields.
+fields. On CUDA, :meth:`Runtime.generate` runs the fast path
+(:class:`~ruvdllm.fast_sampler.FastSampler`) whenever the options allow it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, overload
 import torch
 
 from ruvdllm.checkpoint import load_model, resolve, tokenizer_file
+from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM
 from ruvdllm.quant import DEFAULT_GROUP_SIZE
 from ruvdllm.sampler import AnswerTracker, Sampler, SamplerConfig, SamplerError, SamplerHook
@@ -24,13 +26,23 @@ _SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
 
 
 class Runtime:
-    """Generate text with a masked-diffusion model."""
+    """Generate text with a masked-diffusion model.
+
+    :meth:`generate` runs the fast path when ``fast`` is True (options it lacks are
+    refused), or, when ``fast`` is None, on a CUDA device whenever the options allow it:
+    greedy, low-confidence remasking, no repetition penalty, no hooks
+    (:meth:`sampler_for`). Otherwise, and always for :meth:`stream` (the fast path
+    reports no per-step events), the reference :class:`Sampler` runs.
+    """
 
     def __init__(self, model: DiffusionLM, tokenizer: Tokenizer,
-                 hooks: list[SamplerHook] | None = None) -> None:
+                 hooks: list[SamplerHook] | None = None, fast: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.sampler = Sampler(model, hooks)
+        self.fast = fast
+        # Asked for: built now (a model it cannot run is refused here); by default at first use.
+        self._fast_sampler = FastSampler(model) if fast else None
 
     @property
     def device(self) -> torch.device:
@@ -49,6 +61,22 @@ class Runtime:
             raise SamplerError(f"unknown generation options {sorted(unknown)}")
         return SamplerConfig(**options)
 
+    def sampler_for(self, cfg: SamplerConfig) -> Sampler | FastSampler:
+        """The sampler :meth:`generate` runs ``cfg`` with."""
+        auto = self.device.type == "cuda" and not self.model.config.causal
+        if not (auto if self.fast is None else self.fast):
+            return self.sampler
+        refusal = FastSampler.refusal(cfg)
+        if refusal is None and self.sampler.hooks:
+            refusal = "sampler hooks run in the reference sampler only"
+        if refusal is not None:
+            if self.fast:
+                raise SamplerError(refusal)
+            return self.sampler
+        if self._fast_sampler is None:
+            self._fast_sampler = FastSampler(self.model)
+        return self._fast_sampler
+
     @overload
     def generate(self, prompt: str, *, chat: bool = ..., **options: Any) -> str: ...
 
@@ -61,7 +89,8 @@ class Runtime:
         """Completion of one prompt (str) or of each prompt in a batch (list)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.encode_prompt(p, chat) for p in prompts]
-        answers = self.sampler.generate(ids, self.sampler_config(**options))
+        cfg = self.sampler_config(**options)
+        answers = self.sampler_for(cfg).generate(ids, cfg)
         texts = [self.tokenizer.decode(a) for a in answers]
         return texts[0] if isinstance(prompt, str) else texts
 
@@ -94,10 +123,12 @@ def load(
     dtype: torch.dtype | None = None,
     quant: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    fast: bool | None = None,
 ) -> Runtime:
     """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
 
-    ``quant`` (``int8``, ``int4``, ``fp8`` or ``w4a8``) quantizes the weights after loading.
+    ``quant`` (``int8``, ``int4``, ``fp8`` or ``w4a8``) quantizes the weights after loading;
+    ``fast`` is :class:`Runtime`'s.
     """
     path = resolve(path_or_name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,4 +143,4 @@ def load(
         if quant not in SCHEMES:
             raise SamplerError(f"unknown quantization {quant!r} (none, {', '.join(SCHEMES)})")
         quantize_model(model, quant, group_size)  # type: ignore[arg-type]
-    return Runtime(model, tokenizer)
+    return Runtime(model, tokenizer, fast=fast)

@@ -43,6 +43,16 @@ def test_quantize_then_generate(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_fast_path_prints_the_reference_answer(tmp_path, capsys):
+    write_llada(tmp_path / "ck")
+    common = ["generate", "Once upon a time", "--model", str(tmp_path / "ck"), "--steps", "8",
+              "--gen-length", "16", "--block-length", "8", "--repetition-penalty", "1",
+              "--cache", "dual", "--device", "cpu"]
+    fast, reference = (run_cli([*common, flag], capsys) for flag in ("--fast", "--no-fast"))
+    assert fast[0] == 0 and fast[1].strip(), fast[2]
+    assert fast == reference
+
+
 def _broken(tmp_path, kind: str) -> str:
     path = tmp_path / kind
     if kind == "missing":
@@ -64,6 +74,7 @@ def _broken(tmp_path, kind: str) -> str:
     ("ok", ["--gen-length", "30", "--block-length", "8"], "not divisible"),
     ("ok", ["--steps", "2", "--gen-length", "32", "--block-length", "8"], "fewer than"),
     ("ok", ["--gen-length", "256", "--block-length", "32"], "max_sequence_length"),
+    ("ok", ["--fast", "--temperature", "0.5"], "greedy"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, kind, extra, message):
     model = _broken(tmp_path, kind)

@@ -7,9 +7,12 @@ without a GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from ruvdllm.dgr import DGRConfig, DGRHook
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM, StaticKV, settle
 from ruvdllm.quant import (
@@ -24,7 +27,9 @@ from ruvdllm.quant import (
     quantize_fp8_rows,
     quantize_model,
 )
+from ruvdllm.runtime import load
 from ruvdllm.sampler import Sampler, SamplerConfig, SamplerError
+from tests.llada_reference import write_llada
 from tests.test_sampler import MASK, tiny_model
 
 PROMPTS = [[1, 50, 60, 70, 80], [1, 9, 8], [1, 100, 101, 102, 103, 104, 105, 106], [1, 42]]
@@ -120,6 +125,50 @@ def test_graphs_refused_off_cuda(model):
         FastSampler(model, graphs=True)
 
 
+RUNTIME_OPTIONS = {"steps": 8, "gen_length": 16, "block_length": 8, "cache": "delayed",
+                   "threshold": 0.3}
+RUNTIME_PROMPTS = ["Once upon a time", "The"]
+
+
+@pytest.fixture(scope="module")
+def llada_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("llada") / "ck"
+    write_llada(path)
+    return path
+
+
+def test_runtime_generates_with_the_fast_path_when_asked(llada_dir):
+    fast, ref = (load(llada_dir, device="cpu", fast=f) for f in (True, False))
+    cfg = fast.sampler_config(**RUNTIME_OPTIONS)
+    sampler = fast.sampler_for(cfg)
+    assert isinstance(sampler, FastSampler) and ref.sampler_for(cfg) is ref.sampler
+    texts = fast.generate(RUNTIME_PROMPTS, **RUNTIME_OPTIONS)
+    assert sampler.forwards > 0, "the fast sampler ran"
+    assert any(texts) and texts == ref.generate(RUNTIME_PROMPTS, **RUNTIME_OPTIONS)
+
+
+def test_runtime_takes_the_reference_off_cuda_by_default(llada_dir):
+    rt = load(llada_dir, device="cpu")
+    assert rt.sampler_for(rt.sampler_config(**RUNTIME_OPTIONS)) is rt.sampler
+
+
+@pytest.mark.parametrize("options,hook,message", [
+    ({"temperature": 0.5}, False, "greedy"), ({"repetition_penalty": 1.2}, False, "repetition"),
+    ({}, True, "hooks")])
+def test_runtime_asked_for_the_fast_path_refuses_what_it_lacks(llada_dir, options, hook,
+                                                               message):
+    rt = load(llada_dir, device="cpu", fast=True)
+    if hook:
+        rt.sampler.hooks.append(DGRHook(DGRConfig()))
+    with pytest.raises(SamplerError, match=message):
+        rt.generate(RUNTIME_PROMPTS[0], **RUNTIME_OPTIONS, **options)
+
+
+def test_runtime_refuses_the_fast_path_for_a_causal_model():
+    with pytest.raises(SamplerError, match="causal"):
+        load("default-ar", device="cpu", fast=True)
+
+
 def test_settle_sums_split_k_terms():
     """A split-K product's terms (S, *shape) become one term of ``like``'s shape and dtype."""
     like = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
@@ -139,6 +188,16 @@ def test_cuda_graphs_emit_the_reference_tokens(options):
     cfg = SamplerConfig(steps=16, gen_length=32, block_length=8, **options)
     for _ in range(2):  # the second call replays the captured graphs
         assert fast.generate(PROMPTS, cfg) == Sampler(model).generate(PROMPTS, cfg)
+
+
+@cuda
+def test_runtime_on_cuda_takes_the_fast_path_when_the_options_allow(llada_dir):
+    rt, ref = load(llada_dir, device="cuda"), load(llada_dir, device="cuda", fast=False)
+    assert isinstance(rt.sampler_for(rt.sampler_config(**RUNTIME_OPTIONS)), FastSampler)
+    penalised = rt.sampler_config(**RUNTIME_OPTIONS, repetition_penalty=1.2)
+    assert rt.sampler_for(penalised) is rt.sampler
+    options = {**RUNTIME_OPTIONS, "cache": "none"}
+    assert rt.generate(RUNTIME_PROMPTS, **options) == ref.generate(RUNTIME_PROMPTS, **options)
 
 
 @cuda
