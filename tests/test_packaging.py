@@ -19,7 +19,7 @@ def tracked(*paths: str) -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", *paths], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
-    return out.split()
+    return out.splitlines()
 
 
 def test_wheel_carries_the_data_files_installed_code_opens(tmp_path: Path) -> None:
@@ -43,7 +43,8 @@ def test_wheel_carries_the_data_files_installed_code_opens(tmp_path: Path) -> No
         check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("ruvdllm-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
     wanted = tracked(*DATA)
     assert "coordinator/flwr_app/pyproject.toml" in wanted
     assert any(w.startswith("ruvdllm/assets/default/") for w in wanted)
