@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from ruvdllm.model import DiffusionLM
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 ASSETS = Path(__file__).parent / "assets"
 NAMED = {"default": ASSETS / "default", "default-ar": ASSETS / "default-ar"}
 
@@ -162,15 +164,38 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` as an HF-layout folder, atomically (temp folder + rename).
 
-    With ``max_shard_bytes`` the weights are split into shards with an index.
+    With ``max_shard_bytes`` the weights are split into shards with an index. An
+    existing ``path`` is replaced only when it holds nothing but checkpoint files:
+    anything else there (a user's notes, a real LLaDA folder's modeling code) is the
+    user's and refuses the save before a byte is written.
     """
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = _cast(state, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    model.config.save(tmp / "config.json")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would hide the model from other users; mkdir honours umask
+    try:
+        _write_folder(tmp, model.config, state, tokenizer_file, max_shard_bytes)
+    except BaseException:  # disk full, Ctrl-C: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = tmp.with_name(f"{tmp.name}.old")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def _write_folder(tmp: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                  tokenizer_file: str | Path | None, max_shard_bytes: int | None) -> None:
+    """Write config, tokenizer and weights into the fresh folder ``tmp`` and fsync them."""
+    config.save(tmp / "config.json")
     if tokenizer_file is not None:
         (tmp / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
     if max_shard_bytes is None:
@@ -193,16 +218,24 @@ def save_checkpoint(
         total = sum(t.numel() * t.element_size() for t in state.values())
         (tmp / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    file_mode = tmp.stat().st_mode & 0o666  # safetensors writes 0600 whatever the umask
     for f in tmp.iterdir():
+        f.chmod(file_mode)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        path.rename(old)
-        tmp.rename(path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(path)
-    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a ``path`` that exists and is anything but a folder of checkpoint files."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder; choose a new checkpoint folder")
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if not (entry.is_file() and (name in ("config.json", "tokenizer.json", SINGLE, INDEX)
+                                     or _SHARD.fullmatch(name))):
+            raise CheckpointError(
+                f"{path} holds {name!r}, which is not a checkpoint file; refusing to replace "
+                "the folder: choose a new one or empty it")
+

@@ -116,6 +116,28 @@ class Runtime:
             yield final[len(sent):]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on: ``device`` if this machine has it, else CUDA when present, else CPU.
+
+    A name torch does not know, or CUDA asked for on a machine without it, is refused
+    here with a :class:`ValueError` rather than failing deep inside the first tensor copy.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: only cpu and cuda are supported")
+    return dev
+
+
 def load(
     path_or_name: str | Path = "default",
     *,
@@ -130,8 +152,8 @@ def load(
     ``quant`` (``int8``, ``int4``, ``fp8`` or ``w4a8``) quantizes the weights after loading;
     ``fast`` is :class:`Runtime`'s.
     """
+    dev = resolve_device(device)
     path = resolve(path_or_name)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(path, dtype=dtype or torch.float32, device=dev)
     cfg = model.config
     tokenizer = Tokenizer(tokenizer_file(path), mask_token=cfg.mask_token_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -116,6 +117,58 @@ def test_save_replaces_atomically(tmp_path):
     save_checkpoint(model, tmp_path / "b")
     save_checkpoint(model, tmp_path / "b")  # overwrite leaves one folder, no temp leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("stranger", ["notes.txt", "modeling_llada.py", "sub/a.txt"])
+def test_save_refuses_a_folder_holding_other_files(tmp_path, stranger):
+    write_llada(tmp_path / "a")
+    model = load_model(tmp_path / "a")
+    (tmp_path / "a" / stranger).parent.mkdir(exist_ok=True)
+    (tmp_path / "a" / stranger).write_text("the user's")
+    before = _snapshot(tmp_path / "a")
+    with pytest.raises(CheckpointError, match=f"holds '{stranger.split('/')[0]}'"):
+        save_checkpoint(model, tmp_path / "a")
+    assert _snapshot(tmp_path / "a") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        save_checkpoint(model, tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_failed_save_leaves_the_old_checkpoint_and_no_leftovers(tmp_path, monkeypatch):
+    import ruvdllm.checkpoint as checkpoint
+
+    write_llada(tmp_path / "a")
+    model = load_model(tmp_path / "a")
+    save_checkpoint(model, tmp_path / "b")
+    before = _snapshot(tmp_path / "b")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(model, tmp_path / "b")
+    assert _snapshot(tmp_path / "b") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path):
+    write_llada(tmp_path / "a")
+    model = load_model(tmp_path / "a")
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(model, tmp_path / "b", tmp_path / "a" / "tokenizer.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "b").iterdir()}
+    assert modes == {"config.json": 0o644, "tokenizer.json": 0o644, "model.safetensors": 0o644}
 
 
 def test_embedded_models_share_one_tokenizer(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ruvdllm.cli import main
 from tests.llada_reference import write_llada
@@ -41,6 +42,11 @@ def test_quantize_then_generate(tmp_path, capsys):
     code, _, err = run_cli(["generate", "Hi", "--model", str(tmp_path / "q8"), "--steps", "4",
                               "--gen-length", "8", "--block-length", "8"], capsys)
     assert code == 0, err
+    (tmp_path / "notes.txt").write_text("mine")  # quantizing into a folder of other files
+    code, _, err = run_cli(["quantize", str(tmp_path / "ck"), str(tmp_path), "--scheme", "int8"],
+                           capsys)
+    assert code == 2 and "not a checkpoint file" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_fast_path_prints_the_reference_answer(tmp_path, capsys):
@@ -75,8 +81,12 @@ def _broken(tmp_path, kind: str) -> str:
     ("ok", ["--steps", "2", "--gen-length", "32", "--block-length", "8"], "fewer than"),
     ("ok", ["--gen-length", "256", "--block-length", "32"], "max_sequence_length"),
     ("ok", ["--fast", "--temperature", "0.5"], "greedy"),
+    ("ok", ["--device", "gpu"], "unknown device 'gpu'"),
+    ("ok", ["--device", "mps"], "only cpu and cuda"),
+    ("ok", ["--device", "cuda"], "no CUDA device is available"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, kind, extra, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, kind, extra, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
     model = _broken(tmp_path, kind)
     prompt = "word " * (40 if "256" in extra else 2)
     code, out, err = run_cli(["generate", prompt, "--model", model, *extra], capsys)
