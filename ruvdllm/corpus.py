@@ -97,7 +97,7 @@ def _parse_bible(path: Path) -> list[str]:
     query = """SELECT b.ShortName, v.ChapterID, v.Passage1, v.Passage2
                FROM Bible v JOIN Books b USING (TestamentID, BookID)
                ORDER BY v.TestamentID, v.BookID, v.ChapterID, v.VerseID"""
-    with closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)) as db:
+    with closing(sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)) as db:
         rows = db.execute(query).fetchall()
     chapters = []
     for (book, chapter), verses in groupby(rows, key=lambda row: (row[0], row[1])):

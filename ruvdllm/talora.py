@@ -483,7 +483,7 @@ class TALoRA:
         db_file = folder / "bank.sqlite"
         if _sha256(db_file) != digest:
             raise BankError(f"{db_file}: checksum mismatch")
-        with closing(sqlite3.connect(db_file.as_uri() + "?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(db_file.absolute().as_uri() + "?mode=ro", uri=True)) as db:
             config = json.loads(db.execute("SELECT json FROM config").fetchone()[0])
             files = dict(db.execute("SELECT name, sha256 FROM files").fetchall())
             globals_ = dict(db.execute("SELECT bank, version FROM globals").fetchall())

@@ -132,6 +132,14 @@ def test_save_load_survives_restart(tmp_path):
     assert len(versions) == 1
 
 
+def test_bank_at_a_relative_path_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `ruvdllm adapters list --bank bank`: a path relative to cwd
+    bank = TALoRA("bank", DIM, CFG, capacity=8)
+    pid = bank.store(small_adapter(1), keys(1)[0], {"bank": "fine"})
+    bank.save()
+    assert TALoRA.load("bank").patterns() == [pid]
+
+
 @pytest.mark.parametrize("damage", ["index", "sqlite", "pointer", "adapters"])
 def test_corrupt_folder_is_refused_and_left_unchanged(tmp_path, damage):
     root = tmp_path / "bank"
