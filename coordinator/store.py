@@ -40,7 +40,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from federation import BankLayout, DecodedDelta, adapter_digest
+from federation import BankLayout, DecodedDelta, adapter_digest, check_node_id
 from proto import ruvdllm_pb2 as pb
 
 DB_NAME = "coordinator.db"
@@ -307,8 +307,12 @@ class Store:
         Raises StoreError when the id or the key is enrolled with a different counterpart
         (re-keying a node is an explicit operator decision, not a side effect).
         """
-        if not node_id or len(public_key) != 32:
-            raise StoreError("a node needs a non-empty id and a 32-byte Ed25519 public key")
+        try:
+            check_node_id(node_id)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
+        if len(public_key) != 32:
+            raise StoreError("a node needs a 32-byte Ed25519 public key")
         with self._write() as db:
             rows = db.execute(
                 "SELECT node_id, public_key, flower_key FROM nodes"

@@ -24,6 +24,7 @@ from federation.layout import BankLayout
 from federation.signing import (
     ReplayGuard,
     canonical_bytes,
+    check_node_id,
     generate_key,
     load_private_key,
     load_public_key,
@@ -60,6 +61,7 @@ __all__ = [
     "adapter_digest",
     "aggregate",
     "canonical_bytes",
+    "check_node_id",
     "clip_update",
     "compress_tensor",
     "decode_delta",

@@ -28,7 +28,13 @@ from google.protobuf.message import DecodeError
 from safetensors.numpy import load_file, save_file
 
 from federation.errors import InvalidDelta
-from federation.signing import NONCE_BYTES, SIGNATURE_BYTES, new_nonce, sign_message
+from federation.signing import (
+    NONCE_BYTES,
+    SIGNATURE_BYTES,
+    check_node_id,
+    new_nonce,
+    sign_message,
+)
 from proto import ruvdllm_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -171,8 +177,7 @@ def encode_delta(
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    if not node_id:
-        raise ValueError("node_id must not be empty")
+    check_node_id(node_id)
     if nonce is not None and len(nonce) != NONCE_BYTES:
         raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
     message = pb.LoRADelta(

@@ -18,6 +18,7 @@ implementations). Replays are refused by `ReplayGuard` (nonce per node, rounds m
 """
 
 import os
+import re
 import secrets
 import stat
 import struct
@@ -127,6 +128,20 @@ def new_nonce() -> bytes:
 def generate_key() -> Ed25519PrivateKey:
     """A new Ed25519 signing key."""
     return Ed25519PrivateKey.generate()
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_node_id(node_id: str) -> str:
+    """Return ``node_id`` if it is 1-128 ASCII letters, digits, ``-`` or ``_``, else raise.
+
+    Ids name nodes in signed messages, SQLite rows, logs and metric labels: one charset on
+    both sides keeps a newline or a path from reaching any of them.
+    """
+    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
+        raise ValueError(f"node id {node_id!r} must be 1-128 ASCII letters, digits, - or _")
+    return node_id
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:

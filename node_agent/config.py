@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from federation import check_node_id
 from ruvdllm.quant import DEFAULT_GROUP_SIZE, SCHEMES
 
 LOOPBACK_NAMES = ("localhost",)
@@ -158,8 +159,11 @@ class NodeConfig:
 
     def validate(self) -> NodeConfig:
         """Check ranges and safety rules; returns self so calls can chain."""
-        if self.node.id and not self.node.id.replace("-", "").replace("_", "").isalnum():
-            raise NodeConfigError(f"node.id {self.node.id!r} must be letters, digits, - or _")
+        if self.node.id:
+            try:
+                check_node_id(self.node.id)
+            except ValueError as err:
+                raise NodeConfigError(f"node.id: {err}") from None
         if self.model.quant not in (*SCHEMES, "none"):
             raise NodeConfigError(f"model.quant {self.model.quant!r} is not one of "
                                   f"{', '.join(SCHEMES)} or none")

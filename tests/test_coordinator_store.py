@@ -119,4 +119,8 @@ def test_enrollment_is_idempotent_and_refuses_conflicts(tmp_path):
         store.enroll("a", b"j" * 32)
     with pytest.raises(StoreError, match="32-byte"):
         store.enroll("c", b"short")
+    for bad in ("", "a b", "x\ny", "../etc", "é", "n" * 129):  # log lines, labels, paths
+        with pytest.raises(StoreError, match="ASCII letters, digits"):
+            store.enroll(bad, b"m" * 32)
+    assert [n.node_id for n in store.nodes()] == ["a"]
     assert store.node_key("a") == key and store.node_key("zz") is None

@@ -97,6 +97,8 @@ def test_encode_refuses_bad_input():
         encode_delta({"fine": {}}, **META)
     with pytest.raises(ValueError, match="nonce"):
         encode_delta({"fine": {"b": np.ones(4)}}, **META, nonce=b"short")
+    with pytest.raises(ValueError, match="node id"):
+        encode_delta({"fine": {"b": np.ones(4)}}, **{**META, "node_id": "a\nb"})
     with pytest.raises(ValueError, match="residual of fine/b"):
         encode_delta(
             {"fine": {"b": np.ones(4)}}, **META, feedback=ErrorFeedback({"fine/b": np.ones(5)})

@@ -40,6 +40,8 @@ def test_overrides_win(tmp_path: Path) -> None:
     ('[http]\nhost = "0.0.0.0"\n', "not loopback"),
     ('[coordinator]\naddress = "10.0.0.5:9095"\n', "not loopback"),
     ('[supernode]\nsuperlink = "example.org:9092"\n', "not loopback"),
+    ('[node]\nid = "a/b"\n', "node.id: node id 'a/b' must be 1-128 ASCII"),
+    ('[node]\nid = "café"\n', "node.id"),
 ])
 def test_refusals_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(NodeConfigError) as err:
