@@ -96,6 +96,8 @@ def _sample_quality(args: argparse.Namespace) -> None:
     from ruvdllm.evaluate import continuation_nll, distinct_n, token_f1
     from ruvdllm.runtime import load
 
+    if args.prompts < 1 or args.prompt_tokens < 1:
+        raise ValueError("--prompts and --prompt-tokens must be at least 1")
     rt = load(args.model, device=args.device)
     scorer = load(args.scorer, device=args.device).model
     tok = rt.tokenizer
@@ -103,6 +105,9 @@ def _sample_quality(args: argparse.Namespace) -> None:
         args.domain, "test")
     docs = [tok.encode(d, add_bos=True) for d in texts]
     docs = [d for d in docs if len(d) >= args.prompt_tokens + args.gen_length][: args.prompts]
+    if not docs:
+        raise ValueError(f"no {args.domain} test document has the {args.prompt_tokens} + "
+                         f"{args.gen_length} tokens a prompt and its continuation need")
     prompts = [d[: args.prompt_tokens] for d in docs]
     truths = [d[args.prompt_tokens: args.prompt_tokens + args.gen_length] for d in docs]
     for penalty in args.penalties:

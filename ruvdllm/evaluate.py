@@ -25,6 +25,10 @@ from ruvdllm.model import DiffusionLM
 
 def windows(stream: Tensor, seq_len: int, max_tokens: int | None = None) -> Tensor:
     """``(N, seq_len)`` consecutive windows of a 1-D stream (tail dropped)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 tokens, got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     if max_tokens is not None:
         stream = stream[:max_tokens]
     n = len(stream) // seq_len
@@ -74,6 +78,11 @@ def ar_nll(model: DiffusionLM, x0: Tensor, batch_size: int = 32) -> float:
 def perplexity(model: DiffusionLM, stream: Tensor, seq_len: int = 256,
                max_tokens: int | None = None, samples: int = 8, seed: int = 0) -> float:
     """Test perplexity (an upper bound for diffusion models, exact for AR)."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1 masking draw per window, got {samples}")
+    if seq_len > model.config.max_sequence_length:  # positions it never saw: a meaningless score
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_sequence_length "
+                         f"{model.config.max_sequence_length}")
     x0 = windows(stream, seq_len, max_tokens)
     nll = ar_nll(model, x0) if model.config.causal else diffusion_nll(model, x0, samples, seed)
     return math.exp(nll)

@@ -94,3 +94,40 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, kind, e
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert out == ""
+
+
+def _export(tmp_path) -> None:
+    """A tiny checkpoint at ck/ and an export folder data/ with four wiki test documents."""
+    write_llada(tmp_path / "ck")
+    (tmp_path / "data" / "wiki").mkdir(parents=True)
+    docs = [{"text": "The river runs past the mill. " * 20} for _ in range(4)]
+    (tmp_path / "data" / "wiki" / "test.jsonl").write_text(
+        "".join(json.dumps(d) + "\n" for d in docs))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seq-len", "0"], "seq_len must be at least 2"),
+    (["--seq-len", "300"], "exceeds the model's max_sequence_length 256"),
+    (["--samples", "0"], "samples must be at least 1"),
+    (["--max-tokens", "-5"], "max_tokens must be positive"),
+])
+def test_eval_refuses_settings_that_cannot_score(tmp_path, capsys, extra, message):
+    _export(tmp_path)
+    args = ["eval", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "data"),
+            "--domains", "wiki", "--seq-len", "32", "--samples", "1"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and '"ppl"' in out, err  # the folder scores; each bad setting then fails
+    code, out, err = run_cli([*args, *extra], capsys)
+    assert code == 2 and message in err and out == ""
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompts", "0"], "--prompts and --prompt-tokens must be at least 1"),
+    (["--gen-length", "4096"], "no wiki test document has the 8 + 4096 tokens"),
+])
+def test_sample_quality_refuses_settings_without_prompts(tmp_path, capsys, extra, message):
+    _export(tmp_path)
+    code, out, err = run_cli(["sample-quality", "--model", str(tmp_path / "ck"), "--scorer",
+                              str(tmp_path / "ck"), "--data", str(tmp_path / "data"),
+                              "--prompt-tokens", "8", *extra], capsys)
+    assert code == 2 and message in err and out == ""
