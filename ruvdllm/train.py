@@ -67,6 +67,26 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     init: str = ""  # checkpoint folder (or shipped name) to start from; "" = random weights
 
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use, before any file is written."""
+        if self.objective not in ("diffusion", "ar"):
+            raise ValueError(f"unknown objective {self.objective!r} (diffusion or ar)")
+        positive = {"batch_size": self.batch_size, "eval_every": self.eval_every,
+                    "eval_batches": self.eval_batches, "grad_clip": self.grad_clip,
+                    "save_every": self.save_every, "time_budget": self.time_budget}
+        non_negative = {"lr": self.lr, "min_lr": self.min_lr, "warmup": self.warmup,
+                        "max_steps": self.max_steps, "weight_decay": self.weight_decay}
+        bad = [f"{k} must be positive, got {v}" for k, v in positive.items() if not v > 0]
+        bad += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if not v >= 0]
+        if self.seq_len < 2:
+            bad.append(f"seq_len must be at least 2 tokens, got {self.seq_len}")
+        if not 0 < self.eps < 1:
+            bad.append(f"eps must be in (0, 1), got {self.eps}")
+        if not 0 <= self.prefix_fraction <= 1:
+            bad.append(f"prefix_fraction must be in [0, 1], got {self.prefix_fraction}")
+        if bad:
+            raise ValueError("; ".join(bad))
+
 
 def token_stream(texts: list[str], tok: Tokenizer) -> Tensor:
     """Documents as ``BOS doc EOS`` joined into one 1-D int tensor.
@@ -175,12 +195,9 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
 
     from ruvdllm.checkpoint import save_checkpoint
     from ruvdllm.corpus import read_export
-    if cfg.objective not in ("diffusion", "ar"):
-        raise ValueError(f"unknown objective {cfg.objective!r} (diffusion or ar)")
     tok = Tokenizer(tokenizer_file)
     init = initial_weights(cfg, tok)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"
     torch.manual_seed(cfg.seed)
@@ -190,6 +207,10 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
         return token_stream(docs, tok).to(dev)
 
     train_ids, valid_ids = split_stream("train"), split_stream("valid")
+    for split, ids in (("train", train_ids), ("valid", valid_ids)):
+        if len(ids) <= cfg.seq_len:
+            raise ValueError(f"the {split} split has {len(ids)} tokens; a window of seq_len "
+                             f"{cfg.seq_len} needs more")
     mcfg = ModelConfig.from_dict({
         **ModelConfig().to_dict(),
         "vocab_size": tok.vocab_size, "embedding_size": tok.vocab_size,
@@ -199,9 +220,16 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
         **(init.config.to_dict() if init is not None else {}),
         **cfg.model,
     })
+    if cfg.seq_len > mcfg.max_sequence_length:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_sequence_length "
+                         f"{mcfg.max_sequence_length}")
     model = DiffusionLM(mcfg).to(dev)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError:
+            raise ValueError(f"init {cfg.init}: --model-json changes the network's shape; only "
+                             "settings such as dropout can differ from the checkpoint") from None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -212,11 +240,16 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
     state_file = out / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location=dev, weights_only=False)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise ValueError(f"{state_file} is a run of a model of another shape; resume with its "
+                             "--model-json/--init, or train into a new --out") from None
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state["best"]
         cfg.max_steps = cfg.max_steps or state["max_steps"]
         gen.manual_seed(cfg.seed + step)
+    out.mkdir(parents=True, exist_ok=True)
     fwd = torch.compile(model) if cfg.compile and dev.type == "cuda" else model
     log = open(out / "loss.csv", "a", newline="")  # noqa: SIM115 — kept open for the run
     writer = csv.writer(log)

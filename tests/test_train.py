@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -91,3 +92,38 @@ def test_init_refuses_a_mismatched_checkpoint(tmp_path):
         train(_config(tmp_path, out=str(tmp_path / "ar"), objective="ar", init=str(first)),
               TOKENIZER)
     assert not (tmp_path / "ar").exists()
+    with pytest.raises(ValueError, match="changes the network's shape"):
+        train(_config(tmp_path, out=str(tmp_path / "wide"), init=str(first),
+                      model={**TINY, "d_model": 64}), TOKENIZER)
+    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length 512"):
+        train(_config(tmp_path, out=str(tmp_path / "long"), init=str(first), seq_len=600),
+              TOKENIZER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"seq_len": 1}, "seq_len must be at least 2"),
+    ({"batch_size": 0}, "batch_size must be positive"),
+    ({"eval_every": 0}, "eval_every must be positive"),
+    ({"time_budget": -1.0}, "time_budget must be positive"),
+    ({"lr": -1e-3, "warmup": -1}, "lr must be >= 0, got -0.001; warmup must be >= 0"),
+    ({"prefix_fraction": 1.5}, "prefix_fraction must be in [0, 1]"),
+    ({"objective": "mlm"}, "unknown objective 'mlm'"),
+])
+def test_config_refuses_settings_no_run_can_use(tmp_path, change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _config(tmp_path, **change)
+
+
+def test_refusals_leave_the_run_folder_as_it_was(tmp_path):
+    _export(tmp_path / "data")
+    train(_config(tmp_path, max_steps=30), TOKENIZER)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="a run of a model of another shape"):
+        train(_config(tmp_path, model={**TINY, "d_model": 64}), TOKENIZER)
+    with pytest.raises(ValueError, match=r"the train split has \d+ tokens; a window of seq_len"):
+        train(_config(tmp_path, seq_len=100_000), TOKENIZER)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    with pytest.raises(ValueError, match="the train split"):
+        train(_config(tmp_path, out=str(tmp_path / "new"), seq_len=100_000), TOKENIZER)
+    assert not (tmp_path / "new").exists()
