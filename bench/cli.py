@@ -16,6 +16,7 @@ import datetime
 import importlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -175,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available")
+    for flag, path, is_folder in (("--json", args.json, False), ("--report", args.report, True)):
+        if path is not None:
+            _check_writable(flag, path, is_folder)
     thresholds = baseline_thresholds(config) if args.baseline else {}
     baseline = read_baseline(args.baseline) if args.baseline else []
     ctx = BenchContext(device=args.device, quick=args.quick,
@@ -191,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     counts = {s: sum(status(r) == s for r in rows) for s in ("PASS", "FAIL", "n/a")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         # one row per line: readable, diffable and a third of the indented size
         args.json.write_text("[\n" + ",\n".join(json.dumps(row_json(r)) for r in rows) + "\n]\n")
     if args.report:
@@ -200,6 +205,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"REGRESSION {reg}")
     failed = any(r.name == "error" for r in rows)
     return 1 if found or failed else 0
+
+
+def _check_writable(flag: str, path: Path, is_folder: bool) -> None:
+    """Refuse an output path that could not be written, before hours of measuring are lost."""
+    if path.exists() and path.is_dir() != is_folder:
+        raise BenchError(f"{flag} {path}: exists and is {'not ' if is_folder else ''}a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BenchError(f"{flag} {path}: cannot create it under {parent}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise BenchError(f"{flag} {path}: not writable")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

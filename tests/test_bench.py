@@ -139,6 +139,28 @@ def test_bad_config_is_refused(tmp_path, capsys, text, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, target, message", [
+    ("--json", "a_file/rows.json", "cannot create it under"),
+    ("--json", "a_folder", "exists and is a folder"),
+    ("--report", "a_file", "exists and is not a folder"),
+])
+def test_unwritable_outputs_are_refused_before_measuring(tmp_path, capsys, flag, target,
+                                                         message):
+    (tmp_path / "bench.toml").write_text("[quality]\n")  # quality without params: fails fast
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--config", str(tmp_path / "bench.toml"), "--only", "quality",
+                  flag, str(tmp_path / target)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "== quality" not in err
+    with pytest.raises(SystemExit):  # a missing folder on the way is made
+        cli.main(["--config", str(tmp_path / "bench.toml"), "--only", "quality",
+                  "--json", str(tmp_path / "new" / "rows.json")])
+    assert json.loads((tmp_path / "new" / "rows.json").read_text())[0]["name"] == "error"
+
+
 def test_missing_section_module_is_reported_not_skipped():
     rows = cli.run_section("nosuchsection", {}, BenchContext())
     assert len(rows) == 1 and "not available" in rows[0].note
