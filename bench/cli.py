@@ -16,7 +16,6 @@ import datetime
 import importlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 from bench.baseline import regressions
 from bench.common import BenchContext, Row
 from bench.report import format_table, row_from_json, row_json, status, write_report
+from ruvdllm.cli import check_output
 
 SECTIONS = ("inference", "talora", "dgr", "memory", "federation", "quality", "parity",
             "robustness")
@@ -177,8 +177,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available")
     for flag, path, is_folder in (("--json", args.json, False), ("--report", args.report, True)):
-        if path is not None:
-            _check_writable(flag, path, is_folder)
+        try:  # before the first section: a long run must not lose its rows at the end
+            check_output(path, is_folder)
+        except ValueError as err:
+            raise BenchError(f"{flag} {err}") from None
     thresholds = baseline_thresholds(config) if args.baseline else {}
     baseline = read_baseline(args.baseline) if args.baseline else []
     ctx = BenchContext(device=args.device, quick=args.quick,
@@ -205,19 +207,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"REGRESSION {reg}")
     failed = any(r.name == "error" for r in rows)
     return 1 if found or failed else 0
-
-
-def _check_writable(flag: str, path: Path, is_folder: bool) -> None:
-    """Refuse an output path that could not be written, before hours of measuring are lost."""
-    if path.exists() and path.is_dir() != is_folder:
-        raise BenchError(f"{flag} {path}: exists and is {'not ' if is_folder else ''}a folder")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BenchError(f"{flag} {path}: cannot create it under {parent}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise BenchError(f"{flag} {path}: not writable")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,25 @@ from ruvdllm.quant import DEFAULT_GROUP_SIZE, SCHEMES
 from ruvdllm.sampler import SamplerError
 
 USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, ValueError)
+
+
+def check_output(path: Path | None, folder: bool = False) -> None:
+    """Refuse an output path that could not be written, before a long run computes it.
+
+    Missing folders on the way are allowed (the writer makes them); a file where a folder
+    is needed, or the reverse, or a place this user cannot write, is a ValueError.
+    """
+    if path is None:
+        return
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{path}: exists and is {'not ' if folder else ''}a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot create it under {parent}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{path}: not writable")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -74,6 +94,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ruvdllm.runtime import load
     from ruvdllm.train import token_stream
 
+    check_output(args.json)
     rt = load(args.model, quant=args.quant, group_size=args.group_size, device=args.device)
     rows = []
     for domain in args.domains:
@@ -88,7 +109,8 @@ def _eval(args: argparse.Namespace) -> None:
                      "seconds": round(time.time() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def _sample_quality(args: argparse.Namespace) -> None:
@@ -214,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=None, help="cap tokens per domain")
     e.add_argument("--samples", type=int, default=8, help="t samples per window (ELBO)")
-    e.add_argument("--json", default=None, help="write the rows to this file")
+    e.add_argument("--json", type=Path, default=None, help="write the rows to this file")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample-quality", help="repetition and quality of greedy continuations "

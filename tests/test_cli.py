@@ -121,6 +121,18 @@ def test_eval_refuses_settings_that_cannot_score(tmp_path, capsys, extra, messag
     assert code == 2 and message in err and out == ""
 
 
+def test_eval_checks_its_json_path_first_and_makes_missing_folders(tmp_path, capsys):
+    _export(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    args = ["eval", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "data"),
+            "--domains", "wiki", "--seq-len", "32", "--samples", "1", "--json"]
+    code, out, err = run_cli([*args, str(tmp_path / "a_file" / "rows.json")], capsys)
+    assert code == 2 and "cannot create it under" in err and out == ""
+    code, out, err = run_cli([*args, str(tmp_path / "new" / "rows.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "rows.json").read_text())[0]["domain"] == "wiki"
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--prompts", "0"], "--prompts and --prompt-tokens must be at least 1"),
     (["--gen-length", "4096"], "no wiki test document has the 8 + 4096 tokens"),
