@@ -7,7 +7,9 @@ round closes, its outcome, participants, rejections and bytes uploaded per node;
 held-out perplexity of every node's domain (test split) under the first (no-op) and the
 last merged version; then a completion from one node through its OpenAI-compatible API.
 Every process it started is stopped by PID on the way out — also on Ctrl-C or an error —
-and the work folder is removed unless ``--keep`` or ``--workdir`` is given.
+and the work folder is removed unless ``--keep`` or ``--workdir`` is given. Run again on a
+kept ``--workdir``, the demo resumes the federation persisted there (round numbers and
+versions continue) and reports only the new run's rounds.
 """
 
 from __future__ import annotations
@@ -99,12 +101,17 @@ def run_demo(nodes: int, rounds: int, local_steps: int, chars: int, domains: lis
               f"nodes " + ", ".join(f"{n.spec.name} pid {n.process.pid}" for n in fed.nodes))
         from coordinator.launch import submit_run
 
+        # A kept work folder resumes its federation: its rounds so far are not this run's.
+        before = max((r.round for r in fed.rounds()), default=0)
+        if before:
+            print(f"resuming the federation in {workdir}: {before} rounds so far, version "
+                  f"{fed.latest_version()}")
         fed.deployment.run_id = submit_run(fed.coordinator_cfg, fed.deployment.flwr_home)
         printed = 0
         end = time.monotonic() + rounds * (settings.round_timeout + 60)
         status = "running"
         while time.monotonic() < end:
-            done = [r.round for r in fed.rounds() if r.status != "open"]
+            done = [r.round for r in fed.rounds() if r.status != "open" and r.round > before]
             for number in done[printed:]:
                 _print_round(fed, number)
             printed = len(done)
