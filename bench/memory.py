@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from bench.common import BenchContext, Row
 from bench.inference import llada8b, random_prompts
+from ruvdllm.ar import ar_generate
 from ruvdllm.quant import quantize_model, weight_bytes
 from ruvdllm.runtime import load
 from ruvdllm.sampler import Sampler, SamplerConfig
@@ -46,9 +47,7 @@ def _generate(spec: dict[str, Any], device: str) -> None:
               quant=None if spec["quant"] == "none" else spec["quant"])
     prompts = random_prompts(spec["batch"], spec["prompt_length"], rt.model.config.vocab_size)
     if spec["ar"]:
-        from bench.parity import ar_generate  # parity imports this module
-
-        ar_generate(rt.model, prompts, spec["output_length"])
+        ar_generate(rt.model, prompts, spec["output_length"], stop_at_eos=False)
     else:
         Sampler(rt.model).generate(prompts, SamplerConfig(
             steps=spec["steps"], gen_length=spec["output_length"],

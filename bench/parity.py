@@ -5,7 +5,7 @@ the diffusion model is quantized to the same scheme (``quant``) and precision
 is a control variable, as seed 002 asks. The diffusion model decodes with the
 project's sampler at a fixed step count ``K`` (no confidence threshold, so K
 is exactly the number of denoising steps; ``cache`` as configured); the AR
-twin decodes greedily with a KV cache (:func:`ar_generate`). Both produce
+twin decodes greedily with a KV cache (:func:`ar_decode`). Both produce
 exactly ``output_length`` tokens (no EOS stop) when timed.
 
 Measured, over K x batch at ``output_length`` and over ``lengths`` at
@@ -31,7 +31,6 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from bench.common import BenchContext, Row, percentile
@@ -39,40 +38,19 @@ from bench.inference import measure
 from bench.memory import generation_peak_mb
 from bench.quality import chrf, heldout_prompts
 from bench.report import labelled
+from ruvdllm.ar import ar_generate
 from ruvdllm.model import DiffusionLM
 from ruvdllm.runtime import Runtime, load
-from ruvdllm.sampler import Sampler, SamplerConfig, left_pad
+from ruvdllm.sampler import Sampler, SamplerConfig
 
 
 def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
-@torch.no_grad()
-def ar_generate(model: DiffusionLM, prompts: list[list[int]], gen_length: int) -> list[list[int]]:
-    """Greedy KV-cached decoding of a causal model: ``gen_length`` tokens per prompt.
-
-    Prompts are left-padded; one prefill forward builds the cache, then each
-    token is one forward of a single position. No EOS stop, so every row costs
-    the same (seed 002 fixes the output token count).
-    """
-    cfg = model.config
-    if not cfg.causal:
-        raise ValueError("ar_generate needs a causal model (config.causal)")
-    dev = next(model.parameters()).device
-    ids, valid = left_pad(prompts, cfg.pad_token_id, dev)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    out = model(ids, positions=positions, valid=valid, return_cache=True,
-                logits_slice=slice(-1, None))
-    pos = positions[:, -1:] + 1  # (B, 1)
-    one = torch.ones_like(pos, dtype=torch.bool)
-    tokens = []
-    for i in range(gen_length):
-        tok = out.logits[:, -1, : cfg.vocab_size].argmax(-1, keepdim=True)  # (B, 1)
-        tokens.append(tok)
-        if i < gen_length - 1:
-            out = model(tok, positions=pos + i, valid=one, cache=out.cache, return_cache=True)
-    return torch.cat(tokens, dim=1).tolist()
+def ar_decode(model: DiffusionLM, prompts: list[list[int]], gen_length: int) -> list[list[int]]:
+    """The AR twin's greedy KV-cached decoding, exactly ``gen_length`` tokens per prompt."""
+    return ar_generate(model, prompts, gen_length, stop_at_eos=False)
 
 
 def _diffusion_cfg(params: dict[str, Any], steps: int, length: int) -> SamplerConfig:
@@ -96,8 +74,8 @@ def _timing_rows(ctx: BenchContext, diff: Runtime, ar: Runtime, prompts: list[li
     sampler, p = Sampler(diff.model), prompts[:batch]
     fns: dict[str, Callable[[], object]] = {
         f"K={k}": partial(sampler.generate, p, _diffusion_cfg(params, k, G)) for k in ks}
-    fns["ar"] = partial(ar_generate, ar.model, p, G)
-    fns["ar_prefill"] = partial(ar_generate, ar.model, p, 1)
+    fns["ar"] = partial(ar_decode, ar.model, p, G)
+    fns["ar_prefill"] = partial(ar_decode, ar.model, p, 1)
     t = measure(fns, params["iterations"], params["warmup"], ctx.device,
                 f"parity {prefix or 'grid'} B={batch} G={G}")
     p50 = {name: percentile(v, 50) * 1e3 for name, v in t.items()}
@@ -139,7 +117,7 @@ def _quality(params: dict[str, Any], diff: Runtime, ar: Runtime, ks: list[int],
     fixed = _diffusion_cfg(params, params["cache_quality_steps"], G)
     cache_scores = {cache: score(sampler.generate(prompts, replace(fixed, cache=cache)))
                     for cache in params["cache_quality"]}
-    return diff_scores, score(ar_generate(ar.model, prompts, G)), cache_scores
+    return diff_scores, score(ar_decode(ar.model, prompts, G)), cache_scores
 
 
 def _memory_rows(ctx: BenchContext, params: dict[str, Any], batches: list[int]) -> list[Row]:

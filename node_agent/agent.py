@@ -85,6 +85,9 @@ class NodeAgent:
         self.runtime = load(cfg.model.path, quant=quant, group_size=cfg.model.group_size,
                             device="cpu")
         model = self.runtime.model
+        if model.config.causal:
+            raise ValueError(f"model.path {cfg.model.path}: a causal model (an AR twin); a node "
+                             "serves and adapts a masked-diffusion model")
         self.model_id = f"ruvdllm-{Path(cfg.model.path).name}-{cfg.model.quant}"
         lora = LoRAConfig(rank=cfg.training.rank, alpha=cfg.training.alpha)
         root = cfg.node.home / "talora"

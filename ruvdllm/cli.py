@@ -135,7 +135,7 @@ def _sample_quality(args: argparse.Namespace) -> None:
     for penalty in args.penalties:
         cfg = rt.sampler_config(steps=args.steps, gen_length=args.gen_length,
                                 block_length=args.block_length, repetition_penalty=penalty)
-        answers = rt.sampler.generate(prompts, cfg)
+        answers = rt.generate_ids(prompts, cfg)
         row = {"domain": args.domain, "repetition_penalty": penalty, "prompts": len(prompts),
                "distinct3": round(sum(map(distinct_n, answers)) / len(answers), 4),
                "token_f1": round(sum(map(token_f1, answers, truths)) / len(answers), 4),

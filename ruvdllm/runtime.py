@@ -15,6 +15,7 @@ from typing import Any, overload
 
 import torch
 
+from ruvdllm.ar import ar_generate, ar_stream
 from ruvdllm.checkpoint import load_model, resolve, tokenizer_file
 from ruvdllm.fast_sampler import FastSampler
 from ruvdllm.model import DiffusionLM
@@ -26,7 +27,10 @@ _SAMPLER_OPTIONS = {f.name for f in fields(SamplerConfig)}
 
 
 class Runtime:
-    """Generate text with a masked-diffusion model.
+    """Generate text with a masked-diffusion model (or, left to right, its causal AR twin).
+
+    A causal model decodes one token per forward (:mod:`ruvdllm.ar`); of the options, only
+    ``gen_length``, ``temperature``, ``seed`` and ``repetition_penalty`` apply to it.
 
     :meth:`generate` runs the fast path when ``fast`` is True (options it lacks are
     refused), or, when ``fast`` is None, on a CUDA device whenever the options allow it:
@@ -89,10 +93,15 @@ class Runtime:
         """Completion of one prompt (str) or of each prompt in a batch (list)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.encode_prompt(p, chat) for p in prompts]
-        cfg = self.sampler_config(**options)
-        answers = self.sampler_for(cfg).generate(ids, cfg)
+        answers = self.generate_ids(ids, self.sampler_config(**options))
         texts = [self.tokenizer.decode(a) for a in answers]
         return texts[0] if isinstance(prompt, str) else texts
+
+    def generate_ids(self, ids: list[list[int]], cfg: SamplerConfig) -> list[list[int]]:
+        """Answer tokens per token prompt, cut at the first EOS."""
+        if self.model.config.causal:
+            return ar_generate(self.model, ids, cfg.gen_length, **_ar_options(cfg))
+        return self.sampler_for(cfg).generate(ids, cfg)
 
     def stream(self, prompt: str, *, chat: bool = False, **options: Any) -> Iterator[str]:
         """Text pieces as the committed prefix of the answer grows.
@@ -102,18 +111,35 @@ class Runtime:
         """
         cfg = self.sampler_config(**options)
         ids = [self.encode_prompt(prompt, chat)]
-        mcfg = self.model.config
-        tracker = AnswerTracker(len(ids[0]), cfg.gen_length, mcfg.mask_token_id,
-                                mcfg.eos_token_id)
         sent = ""
-        for event in self.sampler.stream(ids, cfg):
-            text = self.tokenizer.decode(tracker.apply(event))
+        for answer in self._prefixes(ids, cfg):
+            text = self.tokenizer.decode(answer)
             if text.startswith(sent) and len(text) > len(sent):
                 yield text[len(sent):]
                 sent = text
-        final = self.tokenizer.decode(self.sampler.answers[0])
-        if final.startswith(sent) and len(final) > len(sent):
-            yield final[len(sent):]
+
+    def _prefixes(self, ids: list[list[int]], cfg: SamplerConfig) -> Iterator[list[int]]:
+        """The answer's settled start after every step, then the whole answer."""
+        mcfg = self.model.config
+        if mcfg.causal:
+            answer: list[int] = []
+            for tok in ar_stream(self.model, ids, cfg.gen_length, **_ar_options(cfg)):
+                if int(tok[0]) == mcfg.eos_token_id:
+                    break
+                answer.append(int(tok[0]))
+                yield answer
+            return
+        tracker = AnswerTracker(len(ids[0]), cfg.gen_length, mcfg.mask_token_id,
+                                mcfg.eos_token_id)
+        for event in self.sampler.stream(ids, cfg):
+            yield tracker.apply(event)
+        yield self.sampler.answers[0]
+
+
+def _ar_options(cfg: SamplerConfig) -> dict[str, Any]:
+    """The options a causal model decodes with; the diffusion ones do not apply to it."""
+    return {"temperature": cfg.temperature, "seed": cfg.seed,
+            "repetition_penalty": cfg.repetition_penalty}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

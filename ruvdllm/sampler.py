@@ -234,6 +234,9 @@ class Sampler:
         After exhaustion ``self.answers`` holds the answer tokens per prompt.
         """
         mcfg = self.model.config
+        if mcfg.causal:
+            raise SamplerError("a causal model (an AR twin) cannot fill masked blocks; decode it "
+                               "left to right (ruvdllm.ar, as Runtime.generate does)")
         if not prompts or any(not p for p in prompts):
             raise SamplerError("every prompt needs at least one token")
         cfg.validate(mcfg.max_sequence_length, max(len(p) for p in prompts), mcfg.logits_shift)

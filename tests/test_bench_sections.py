@@ -1,9 +1,8 @@
-"""Pieces the sections measure with: the AR twin's cached decoding and held-out prompts."""
+"""Pieces the sections measure with: held-out prompts, answers cut at EOS."""
 
 import pytest
-import torch
 
-from bench.parity import ar_generate, cut_at_eos
+from bench.parity import cut_at_eos
 from bench.quality import heldout_prompts
 from ruvdllm.runtime import load
 
@@ -11,27 +10,6 @@ from ruvdllm.runtime import load
 @pytest.fixture(scope="module")
 def ar():
     return load("default-ar", device="cpu")
-
-
-def greedy_without_cache(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        logits = model(torch.tensor([ids])).logits[0, -1, : model.config.vocab_size]
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
-
-
-@torch.no_grad()
-def test_ar_generate_matches_uncached_greedy_in_a_padded_batch(ar):
-    prompts = [p for p, _ in heldout_prompts(ar.tokenizer, 3, 12, 0)]
-    prompts[1] = prompts[1][:5]  # left padding in the batch
-    out = ar_generate(ar.model, prompts, 6)
-    assert out == [greedy_without_cache(ar.model, p, 6) for p in prompts]
-
-
-def test_ar_generate_refuses_a_bidirectional_model():
-    with pytest.raises(ValueError, match="causal"):
-        ar_generate(load("default", device="cpu").model, [[1, 5, 6]], 2)
 
 
 def test_heldout_prompts(ar):

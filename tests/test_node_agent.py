@@ -31,6 +31,7 @@ from federation import (
     pack_adapter,
     public_key_bytes,
     save_private_key,
+    save_public_key,
 )
 from node_agent.adapters import AdapterError
 from node_agent.agent import NodeAgent
@@ -110,6 +111,14 @@ def round_request(world: World, round_number: int, **overrides: object) -> pb.Tr
     info.update(overrides)
     return pb.TrainRoundRequest(round=pb.RoundInfo(**info),  # type: ignore[arg-type]
                                 coordinator_address=f"127.0.0.1:{world.service.port}")
+
+
+def test_a_causal_model_is_refused(tmp_path: Path) -> None:
+    save_public_key(generate_key(), tmp_path / "coordinator.pub")
+    (tmp_path / "node.toml").write_text(
+        '[model]\npath = "default-ar"\nquant = "none"\n[supernode]\nenabled = false\n')
+    with pytest.raises(ValueError, match="default-ar: a causal model"):
+        NodeAgent(load_config(tmp_path / "node.toml"))
 
 
 def test_train_round_uploads_a_signed_delta(world: World) -> None:
