@@ -176,6 +176,7 @@ def load(
     """Load a checkpoint folder (or ``default`` / ``default-ar``) as a Runtime.
 
     ``quant`` (``int8``, ``int4``, ``fp8`` or ``w4a8``) quantizes the weights after loading;
+    a checkpoint stored with that scheme (``ruvdllm quantize``) is used as stored.
     ``fast`` is :class:`Runtime`'s.
     """
     dev = resolve_device(device)
@@ -190,5 +191,10 @@ def load(
 
         if quant not in SCHEMES:
             raise SamplerError(f"unknown quantization {quant!r} (none, {', '.join(SCHEMES)})")
-        quantize_model(model, quant, group_size)  # type: ignore[arg-type]
+        stored = (cfg.quantization or {}).get("scheme")
+        if stored is None:
+            quantize_model(model, quant, group_size)  # type: ignore[arg-type]
+        elif stored != quant:
+            raise SamplerError(f"{path} is stored quantized as {stored}; load it with quant "
+                               f"{stored} or none (its weights cannot be re-quantized)")
     return Runtime(model, tokenizer, fast=fast)

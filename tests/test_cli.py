@@ -39,9 +39,12 @@ def test_quantize_then_generate(tmp_path, capsys):
                               "--scheme", "int8"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]
-    code, _, err = run_cli(["generate", "Hi", "--model", str(tmp_path / "q8"), "--steps", "4",
-                              "--gen-length", "8", "--block-length", "8"], capsys)
-    assert code == 0, err
+    for quant, expected in (("none", 0), ("int8", 0), ("int4", 2)):  # int8: used as stored
+        code, _, err = run_cli(["generate", "Hi", "--model", str(tmp_path / "q8"), "--steps", "4",
+                                "--gen-length", "8", "--block-length", "8", "--quant", quant],
+                               capsys)
+        assert code == expected, err
+    assert "stored quantized as int8; load it with quant int8 or none" in err
     (tmp_path / "notes.txt").write_text("mine")  # quantizing into a folder of other files
     code, _, err = run_cli(["quantize", str(tmp_path / "ck"), str(tmp_path), "--scheme", "int8"],
                            capsys)
