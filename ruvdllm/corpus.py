@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps(manifest(args.domains), indent=2))
             return
         meta = export(args.out_dir, args.domains, args.max_train_chars or None)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing package, or an out_dir that is a file
         parser.error(str(e))
     for domain, entry in meta["domains"].items():
         print(domain + ": " + ", ".join(f"{s} {c['documents']} docs/{c['characters']:,} chars"

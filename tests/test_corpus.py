@@ -160,3 +160,20 @@ def test_export_command_line(tmp_path, capsys):
     assert "bible: train" in capsys.readouterr().out
     train = corpus.read_export(tmp_path, "bible", "train")
     assert train == corpus.documents("bible", "train")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exc:  # an out_dir that is a file: one line, exit 2
+        corpus.main(["export", str(tmp_path / "a_file"), "--domains", "bible"])
+    assert exc.value.code == 2 and "Not a directory" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_module_once():
+    """`python -m ruvdllm.corpus` must not find the module already imported by the package
+    (runpy's RuntimeWarning, and two copies of its globals)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "ruvdllm.corpus",
+                           "manifest", "--domains", "bible"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"bible"' in done.stdout
