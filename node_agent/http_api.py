@@ -9,7 +9,9 @@ Streaming answers are Server-Sent Events in OpenAI's chunk format, ending with
 ``data: [DONE]``. Extensions to OpenAI's parameters: ``steps``, ``block_length``,
 ``threshold`` and ``repetition_penalty`` (the diffusion sampler's; the penalty defaults
 to the measured 1.2 of docs/model_card.md); ``system_fingerprint`` names the adapter version
-that served the request.
+that served the request. OpenAI options the sampler lacks are accepted at their no-op values
+(client libraries send ``frequency_penalty: 0``, ``logit_bias: {}``, ``tools: []`` unasked)
+and refused, by name, at any other.
 
 Every streamed chunk's ``system_fingerprint`` is ``adapter-v<N>``, the version in place
 when the chunk was produced; a hot swap waits for the request in flight (see
@@ -101,23 +103,58 @@ class _Params(BaseModel):
     block_length: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.2, ge=1.0, le=3.0)
+    # OpenAI options the sampler does not have, accepted only at their no-op values, which
+    # client libraries send unasked (LangChain sends both penalties as 0, logit_bias {}).
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
 
 
 class CompletionRequest(_Params):
     prompt: Text | list[Text]
+    logprobs: None = None  # no-op values only, as above
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+
+class TextPart(BaseModel):
+    """A chat message's content part; only text (no images or audio)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new system
+    content: Text | list[TextPart]
     name: Text | None = None
+
+    def as_turn(self) -> dict[str, str]:
+        """The turn the chat template reads: text parts joined by newlines."""
+        content = self.content
+        text = content if isinstance(content, str) else "\n".join(p.text for p in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
 
 
 class ChatRequest(_Params):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: Literal[False] | None = None  # no-op values only, as in _Params
+    top_logprobs: Literal[0] | None = None
+    response_format: TextFormat | None = None
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    tool_choice: Literal["none"] | None = None
 
 
 class FeedbackRequest(BaseModel):
@@ -385,7 +422,7 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
     async def chat(req: ChatRequest) -> Response:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise RequestError("give max_tokens or max_completion_tokens, not both")
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        messages = [m.as_turn() for m in req.messages]
         gen = prepare(req, messages, req.max_completion_tokens or req.max_tokens)
         job = engine.submit(gen)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -156,6 +156,50 @@ def test_limits_are_422_and_bad_values_400(client: TestClient, body: dict, statu
     assert fragment in error["message"] and error["param"] == param
 
 
+# What OpenAI client libraries send unasked: each option at its no-op value.
+NO_OPS = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "u"}
+
+
+def test_client_library_no_op_options_are_accepted(client: TestClient) -> None:
+    base = {"prompt": "The king said", "max_tokens": 8, "steps": 8}
+    plain = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**base, **NO_OPS, "logprobs": None,
+                                             "echo": False, "best_of": 1, "suffix": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain
+    chat = {"max_tokens": 8, "steps": 8, "messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is\na river?"}]}
+    plain = client.post("/v1/chat/completions", json=chat).json()
+    parts = {**chat, **NO_OPS, "logprobs": False, "top_logprobs": 0, "tools": [],
+             "tool_choice": "none", "response_format": {"type": "text"}, "messages": [
+                 {"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+                 {"role": "user", "content": [{"type": "text", "text": "What is"},
+                                              {"type": "text", "text": "a river?"}]}]}
+    r = client.post("/v1/chat/completions", json=parts)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == plain["choices"]
+    assert r.json()["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    ("completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"logit_bias": {"50": 5}}, "logit_bias"),
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format.type"),
+    ("chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+    ("chat/completions", {"logprobs": True}, "logprobs"),
+])
+def test_options_the_sampler_lacks_are_refused_by_name(client: TestClient, route: str,
+                                                       extra: dict, param: str) -> None:
+    body = ({"prompt": "x"} if route == "completions"
+            else {"messages": [{"role": "user", "content": "x"}]})
+    r = client.post(f"/v1/{route}", json={**body, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
 def test_bad_chat_requests_are_400(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "wizard",
                                                                "content": "hi"}]})
