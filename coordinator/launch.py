@@ -73,6 +73,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Refuse a taken port before starting anything on it.
+
+    Without this, a SuperLink port held by another HTTP server passed the readiness probe
+    (that server answered ``GET /health``) and the failure surfaced later as a 404 from
+    ``flwr run``. The check cannot close the race with a process binding meanwhile.
+    """
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port),
+                                  family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as err:
+        raise LaunchError(f"{what} {host}:{port} is not free: {err.strerror}") from None
+
+
 def prepare_state(cfg: CoordinatorConfig) -> Store:
     """Make the state folder, the signing key and version 1 if absent; open the store."""
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +275,8 @@ def start(cfg: CoordinatorConfig, *, submit: bool = True) -> Deployment:
     superlink: subprocess.Popen | None = None
     service: ServiceServer | None = None
     try:
+        check_port_free(cfg.superlink.host, cfg.superlink.port, "superlink.port")
+        check_port_free(cfg.service.host, cfg.service.port, "service.port")
         write_cli_config(cfg, home)
         superlink = start_superlink(cfg, home)
         if cfg.superlink.node_auth:

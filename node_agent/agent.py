@@ -22,10 +22,12 @@ status`` and the demo read it); it is removed on exit.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
 STATE_FILE = "agent.json"
+LOCK_FILE = "agent.lock"
 GRPC_GRACE_S = 2.0
 WATCH_JOIN_S = 2.0
 SUPERVISOR_JOIN_S = 30.0  # a restart under way: SuperNode stop (≤ 10 s + kill) and start
@@ -63,6 +66,35 @@ SUPERVISOR_JOIN_S = 30.0  # a restart under way: SuperNode stop (≤ 10 s + kill
 def state_path(cfg: NodeConfig) -> Path:
     """Where a running agent describes itself."""
     return cfg.node.home / STATE_FILE
+
+
+def lock_home(home: Path) -> int:
+    """Hold ``<home>/agent.lock`` for this process (the returned descriptor; close it to let go).
+
+    Two agents on one home would share keys, TALoRA store, agent.json and SuperNode
+    state, and gRPC would even let both bind one port; the second is refused here.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(f"another node agent (pid {holder}) is running with home {home}; stop "
+                      "it or give this one its own home") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the HTTP API, bound before anything else starts."""
+    try:
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port} for HTTP: {err.strerror}") from None
 
 
 class NodeAgent:
@@ -183,10 +215,20 @@ class NodeAgent:
         """Serve until SIGINT/SIGTERM; stops the servers, watcher and SuperNode on exit.
 
         Call it from the main thread (signal handlers and the SuperNode's death signal).
+        A second agent on the same home, or a port already taken, is refused (OSError)
+        before anything is started or written.
         """
+        lock = lock_home(self.cfg.node.home)
+        try:
+            self._run()
+        finally:
+            os.close(lock)
+
+    def _run(self) -> None:
         cfg = self.cfg
         grpc_server = None
         watcher = supervisor = None
+        http_socket = listen(cfg.http.host, cfg.http.port)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -217,8 +259,9 @@ class NodeAgent:
             # through _exit_when_stopped.
             threading.Thread(target=self._exit_when_stopped, args=(server,),
                              name="stop-watch", daemon=True).start()
-            server.run()
+            server.run(sockets=[http_socket])
         finally:
+            http_socket.close()
             self._stop.set()
             self.adapters.close()
             if supervisor is not None:  # no restart may race the stop below

@@ -128,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (NodeConfigError, FileNotFoundError, PermissionError, ConnectionError,
-            ValueError) as err:
+    except (NodeConfigError, OSError, ValueError) as err:  # OSError: files, ports, the home lock
         print(f"ruvdllm-node: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -95,11 +95,15 @@ def serve(service: NodeAgentService, address: str,
     Returns the server and the port it bound.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
-                                                    thread_name_prefix="nodeagent"))
+                                                    thread_name_prefix="nodeagent"),
+                         options=[("grpc.so_reuseport", 0)])  # a taken port fails, not shared
     pb_grpc.add_NodeAgentServicer_to_server(service, server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind the NodeAgent gRPC service to {address}")
+        raise OSError(f"cannot listen on {address} for gRPC (address in use or not local)")
     server.start()
     log.info("NodeAgent gRPC service on %s (port %d)", address, port)
     return server, port

@@ -3,6 +3,7 @@ and the TOML config with its Flower run config."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -137,3 +138,19 @@ def test_start_runs_superlink_and_a_round_without_nodes_then_status(tmp_path):
     assert [v["version"] for v in versions] == [1]
     with pytest.raises(ProcessLookupError):  # the SuperLink was stopped with the daemon
         os.kill(info["superlink_pid"], 0)
+
+
+@pytest.mark.parametrize("taken", ["superlink.port", "service.port"])
+def test_start_refuses_a_taken_port_before_starting_anything(tmp_path, capsys, taken):
+    """A SuperLink port held by another HTTP server used to pass the readiness probe (that
+    server answered GET /health) and fail later as a 404 from `flwr run`."""
+    ports = {"superlink.port": free_port(), "service.port": free_port()}
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        ports[taken] = other.getsockname()[1]
+        args = ["start", "--exit-after-run", "--state-dir", str(tmp_path)]
+        for key, port in ports.items():
+            args += ["--set", f"{key}={port}"]
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{taken} 127.0.0.1:{ports[taken]} is not free" in err
+    assert not (tmp_path / "logs" / "superlink.log").exists()  # no SuperLink was started

@@ -8,6 +8,8 @@ coordinator's key and reach the node through GetAdapter / WatchAdapters.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from federation import (
     save_public_key,
 )
 from node_agent.adapters import AdapterError
-from node_agent.agent import NodeAgent
+from node_agent.agent import NodeAgent, listen, lock_home
 from node_agent.client_app import reply_content, train_request
 from node_agent.config import load_config
 from node_agent.grpc_service import serve as serve_agent
@@ -111,6 +113,30 @@ def round_request(world: World, round_number: int, **overrides: object) -> pb.Tr
     info.update(overrides)
     return pb.TrainRoundRequest(round=pb.RoundInfo(**info),  # type: ignore[arg-type]
                                 coordinator_address=f"127.0.0.1:{world.service.port}")
+
+
+def test_second_agent_on_a_home_or_a_taken_port_is_refused(world: World) -> None:
+    """Refused in run() before anything binds, starts or writes agent.json; gRPC would
+    otherwise share a taken port (SO_REUSEPORT) with the agent already there."""
+    agent, home = world.agent, world.agent.cfg.node.home
+    held = lock_home(home)
+    try:
+        with pytest.raises(OSError, match=f"another node agent \\(pid {os.getpid()}\\)"):
+            agent.run()
+    finally:
+        os.close(held)
+    assert not (home / "agent.json").exists()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for HTTP"):
+            listen("127.0.0.1", port)
+    first, port = serve_agent(agent.service, "127.0.0.1:0")  # as a running agent's
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for gRPC"):
+            serve_agent(agent.service, f"127.0.0.1:{port}")
+    finally:
+        first.stop(0)
+    os.close(lock_home(home))  # released: the next agent may take it
 
 
 def test_a_causal_model_is_refused(tmp_path: Path) -> None:
