@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Answers longer than this are denoised in semi-autoregressive blocks of this length.
 BLOCK = 32
+MAX_TEMPERATURE = 2.0  # OpenAI's range, for HTTP and gRPC alike
 
 
 class RequestError(ValueError):
@@ -229,6 +230,9 @@ class Engine:
         if len(ids) + gen_length > max_len:
             raise LimitExceeded(f"prompt ({len(ids)} tokens) + answer ({gen_length}) exceeds "
                                 f"the model's {max_len}-token context", param="max_tokens")
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:  # NaN fails too
+            raise RequestError(f"temperature must be between 0 and {MAX_TEMPERATURE}, "
+                               f"got {temperature}")
         if any(not s for s in stop) or len(stop) > 4:
             raise RequestError("stop must be at most 4 non-empty strings")
         cfg = SamplerConfig(steps=steps_used, gen_length=gen_length, block_length=block_length,

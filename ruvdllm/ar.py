@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from ruvdllm.model import DiffusionLM
-from ruvdllm.sampler import SamplerError, gumbel_perturb, left_pad, penalize_repeats
+from ruvdllm.sampler import (
+    SamplerError,
+    check_sampling,
+    gumbel_perturb,
+    left_pad,
+    penalize_repeats,
+)
 
 
 @torch.no_grad()
@@ -36,10 +42,7 @@ def ar_stream(model: DiffusionLM, prompts: list[list[int]], gen_length: int, *,
         raise SamplerError("every prompt needs at least one token")
     if gen_length <= 0:
         raise SamplerError("gen-length must be positive")
-    if temperature < 0:
-        raise SamplerError("temperature must be >= 0")
-    if repetition_penalty < 1.0:
-        raise SamplerError("repetition_penalty must be >= 1 (1 = off)")
+    check_sampling(temperature, repetition_penalty)
     width = max(len(p) for p in prompts)
     if width + gen_length > cfg.max_sequence_length:
         raise SamplerError(f"prompt ({width} tokens) + gen-length ({gen_length}) exceeds "

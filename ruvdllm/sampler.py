@@ -33,6 +33,7 @@ not depend on the batch it is in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -86,13 +87,19 @@ class SamplerConfig:
         if logits_shift and self.cache != "none":
             raise SamplerError("caches need the model's own logits at each position; this "
                                "model shifts logits (Dream), use cache='none'")
-        if self.temperature < 0:
-            raise SamplerError("temperature must be >= 0")
-        if self.repetition_penalty < 1.0:
-            raise SamplerError("repetition_penalty must be >= 1 (1 = off)")
+        check_sampling(self.temperature, self.repetition_penalty)
         if prompt_len + self.gen_length > max_len:
             raise SamplerError(f"prompt ({prompt_len} tokens) + gen-length ({self.gen_length}) "
                                f"exceeds max_sequence_length {max_len}")
+
+
+def check_sampling(temperature: float, repetition_penalty: float) -> None:
+    """Refuse a temperature or repetition penalty no sampler can use (NaN included)."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise SamplerError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (repetition_penalty >= 1.0 and math.isfinite(repetition_penalty)):
+        raise SamplerError(f"repetition_penalty must be a finite number >= 1 (1 = off), got "
+                           f"{repetition_penalty}")
 
 
 @dataclass

@@ -80,3 +80,5 @@ def test_each_decoder_refuses_the_other_kind_of_model(ar):
         Sampler(ar.model).generate(ids(ar), SamplerConfig(steps=8, gen_length=32))
     with pytest.raises(SamplerError, match="exceeds max_sequence_length"):
         ar_generate(ar.model, ids(ar), 10_000)
+    with pytest.raises(SamplerError, match="temperature must be a finite number"):
+        ar_generate(ar.model, ids(ar), 4, temperature=float("nan"))

@@ -84,6 +84,8 @@ def _broken(tmp_path, kind: str) -> str:
     ("ok", ["--steps", "2", "--gen-length", "32", "--block-length", "8"], "fewer than"),
     ("ok", ["--gen-length", "256", "--block-length", "32"], "max_sequence_length"),
     ("ok", ["--fast", "--temperature", "0.5"], "greedy"),
+    ("ok", ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    ("ok", ["--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
     ("ok", ["--device", "gpu"], "unknown device 'gpu'"),
     ("ok", ["--device", "mps"], "only cpu and cuda"),
     ("ok", ["--device", "cuda"], "no CUDA device is available"),

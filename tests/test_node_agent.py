@@ -198,9 +198,14 @@ def test_health_and_generate(world: World) -> None:
                                                          steps=8), timeout=60))
     assert events[-1].done and events[-1].finish_reason in ("stop", "length")
     assert events[-1].forwards > 0
-    with pytest.raises(grpc.RpcError) as err:
-        list(world.stub.Generate(pb.GenerateRequest(prompt=""), timeout=10))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for bad, fragment in [({"prompt": ""}, "prompt must not be empty"),
+                          ({"temperature": float("nan")}, "temperature must be between 0 and 2"),
+                          ({"temperature": 1e30}, "temperature must be between 0 and 2")]:
+        request = pb.GenerateRequest(**{"prompt": "The path", "max_new_tokens": 8, **bad})
+        with pytest.raises(grpc.RpcError) as err:
+            list(world.stub.Generate(request, timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in str(err.value.details())
 
 
 def next_version(world: World, key_path: Path | None = None,
