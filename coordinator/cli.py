@@ -80,7 +80,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.public_key}: not an Ed25519 public key PEM ({exc})") from None
     flower_key = None
     if args.flower_key:
-        flower_key = Path(args.flower_key).read_text().strip()
+        try:
+            flower_key = Path(args.flower_key).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{args.flower_key}: cannot read the SuperNode key ({exc})") from None
         if not flower_key.startswith("ecdsa-sha2-nistp384 "):
             raise UsageError(f"{args.flower_key}: not an OpenSSH ecdsa-sha2-nistp384 public key")
     node_id = args.node_id or default_node_id(raw)

@@ -109,6 +109,11 @@ def test_enroll_registers_keys_and_refuses_bad_input(tmp_path, capsys):
     assert main(["enroll", str(tmp_path / "junk.pub"), *state]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "already enrolled" in err[0] and "not an Ed25519" in err[1]
+    (tmp_path / "binary.pub").write_bytes(b"\x8e\xff\x00")
+    for missing in ("absent.pub", "binary.pub"):  # one line each, no traceback
+        assert main(["enroll", str(tmp_path / "node.pub"), "--flower-key",
+                     str(tmp_path / missing), *state]) == 2
+        assert "cannot read the SuperNode key" in capsys.readouterr().err
     (node,) = Store(tmp_path / "st").nodes()
     assert node.node_id == node_id and node.flower_key == flower.decode()
 
