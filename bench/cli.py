@@ -59,7 +59,7 @@ def load_config(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except OSError as err:
         raise BenchError(f"cannot read config {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BenchError(f"{path}: invalid TOML: {err}") from None
     base = raw.pop("base", None)
     if base is None:

@@ -129,10 +129,11 @@ def test_unknown_section_is_refused(capsys):
     ("[quality.targets]\nx = { target = 'a', unit = 'x', direction = '<=' }\n", "needs"),
     ("[quality.targets]\nx = { target = 1, unit = 'x', direction = '<' }\n", "direction"),
     ("[quality\n", "invalid TOML"),
+    (b"\x8e\xff", "invalid TOML"),
 ])
 def test_bad_config_is_refused(tmp_path, capsys, text, message):
     path = tmp_path / "bench.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SystemExit) as exc:
         cli.main(["--config", str(path), "--only", "quality"])
     assert exc.value.code == 2
