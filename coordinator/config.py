@@ -276,7 +276,9 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> CoordinatorC
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
+        except OSError as exc:  # a folder, no permission
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         base_dir = path.resolve().parent
     for text in overrides:

@@ -36,9 +36,12 @@ def test_config_defaults_overrides_and_errors(tmp_path):
                          (["service.max_watchers=0"], "max_watchers must be >= 1")]:
         with pytest.raises(ConfigError, match=message):
             load(path, bad)
-    path.write_text("[rounds\n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        load(path)
+    for text in (b"[rounds\n", b"\x8e\xff"):
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load(path)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load(tmp_path)  # a folder
 
 
 def test_byzantine_f_is_auto_by_default_or_an_int_and_reaches_the_strategy(tmp_path):
