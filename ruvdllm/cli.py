@@ -20,7 +20,7 @@ from ruvdllm.config import ConfigError
 from ruvdllm.quant import DEFAULT_GROUP_SIZE, SCHEMES
 from ruvdllm.sampler import SamplerError
 
-USER_ERRORS = (CheckpointError, ConfigError, SamplerError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, SamplerError, OSError, ValueError)  # OSError: paths
 
 
 def check_output(path: Path | None, folder: bool = False) -> None:

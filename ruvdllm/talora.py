@@ -214,6 +214,8 @@ class TALoRA:
     def set_global(self, bank: str, adapter: Adapter, version: int) -> None:
         """Install the federated adapter of ``bank`` (copied, float32)."""
         _check_bank(bank)
+        if int(version) < 0:
+            raise BankError(f"a merged adapter version is >= 0, got {version}")
         self._check_adapter(adapter)
         self._claim_signature(adapter)
         copy = {k: v.detach().float().cpu().clone() for k, v in adapter.items()}

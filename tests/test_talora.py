@@ -100,6 +100,9 @@ def test_remove_and_wrong_inputs():
                    keys(1)[0], {"bank": "domain"})
     with pytest.raises(ValueError, match="rank"):
         bank.set_global("fine", random_adapter(tiny_model(), LoRAConfig(rank=4), 0), 1)
+    with pytest.raises(BankError, match="version is >= 0, got -1"):
+        bank.set_global("fine", small_adapter(2), -1)
+    assert bank.global_adapter("fine") is None
     bank.remove(pid)
     assert bank.retrieve(keys(1)[0], 0.5) == []
     with pytest.raises(KeyError):
@@ -214,6 +217,14 @@ def test_cli_lists_exports_and_imports_a_global(tmp_path, capsys):
           "--version", "5"])
     again = TALoRA.load(root)
     assert again.global_version == 5 and again.patterns() == [pid]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["adapters", "list", "--bank", str(tmp_path / "none")])
-    assert exit_info.value.code == 2
+    (tmp_path / "a_file").write_text("")
+    for args in (["list", "--bank", str(tmp_path / "none")],
+                 ["export", str(tmp_path / "a_file"), "--bank", root, "--id", str(pid)],
+                 ["import", str(tmp_path / "peft"), "--bank", root, "--global", "fine",
+                  "--version", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["adapters", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert TALoRA.load(root).global_version == 5
