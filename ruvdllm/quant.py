@@ -753,6 +753,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: Scheme,
     """Quantize the float checkpoint ``src`` (folder or embedded name) into folder ``dst``."""
     _factory(scheme, group_size, empty=False)  # refuse bad arguments before loading
     model = load_model(src)
+    if model.config.quantization:
+        raise ValueError(f"{src} is stored quantized ({model.config.quantization['scheme']}); "
+                         "quantize a float checkpoint")
     quantize_model(model, scheme, group_size)
     tokenizer = tokenizer_file(resolve(src))
     return save_checkpoint(model, dst, tokenizer_file=tokenizer if tokenizer.exists() else None)

@@ -50,6 +50,10 @@ def test_quantize_then_generate(tmp_path, capsys):
                            capsys)
     assert code == 2 and "not a checkpoint file" in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    code, _, err = run_cli(["quantize", str(tmp_path / "q8"), str(tmp_path / "q4"), "--scheme",
+                            "int4"], capsys)
+    assert code == 2 and "q8 is stored quantized (int8); quantize a float checkpoint" in err
+    assert not (tmp_path / "q4").exists()
 
 
 def test_fast_path_prints_the_reference_answer(tmp_path, capsys):
