@@ -63,10 +63,14 @@ def ar_stream(model: DiffusionLM, prompts: list[list[int]], gen_length: int, *,
             logits = penalize_repeats(logits, seen, repetition_penalty, special)
         tok = gumbel_perturb(logits, temperature, gen).argmax(-1)  # (B, 1)
         yield tok[:, 0]
-        seen = torch.cat([seen, tok], dim=1)
-        done |= tok[:, 0] == cfg.eos_token_id
-        if (stop_at_eos and bool(done.all())) or i == gen_length - 1:
+        if i == gen_length - 1:
             return
+        if repetition_penalty != 1.0:  # the timed parity loop pays for neither when off
+            seen = torch.cat([seen, tok], dim=1)
+        if stop_at_eos:
+            done |= tok[:, 0] == cfg.eos_token_id
+            if bool(done.all()):
+                return
         out = model(tok, positions=pos + i, valid=one, cache=out.cache, return_cache=True)
 
 
