@@ -84,6 +84,7 @@ def _train(args: argparse.Namespace) -> None:
 def _plot_loss(args: argparse.Namespace) -> None:
     from ruvdllm.train import plot_loss
 
+    check_output(Path(args.out))
     plot_loss(args.csv, args.out)
     print(f"wrote {args.out}")
 
@@ -224,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     pl = sub.add_parser("plot-loss", help="plot loss.csv files of training runs")
-    pl.add_argument("csv", nargs="+")
-    pl.add_argument("--out", required=True)
+    pl.add_argument("csv", nargs="+", help="loss.csv files; each curve is named for its run folder")
+    pl.add_argument("--out", required=True, help="image file (.png, .svg, .pdf, ...)")
     pl.set_defaults(func=_plot_loss)
 
     e = sub.add_parser("eval", help="held-out perplexity per domain")

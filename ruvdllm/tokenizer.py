@@ -65,7 +65,10 @@ class Tokenizer:
         if isinstance(source, tokenizers.Tokenizer):
             self._tok = source
         elif Path(source).is_file():
-            self._tok = tokenizers.Tokenizer.from_file(str(source))
+            try:
+                self._tok = tokenizers.Tokenizer.from_file(str(source))
+            except Exception as e:  # tokenizers raises a bare Exception for any bad file
+                raise ValueError(f"{source} is not a tokenizer.json file: {e}") from e
         else:
             raise FileNotFoundError(f"tokenizer file {source} not found")
         mask, eos = self._resolve("mask", mask_token), self._resolve("eos", eos_token)
@@ -154,7 +157,8 @@ class Tokenizer:
         return "".join(turns)
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer as tokenizer.json (compact, one line)."""
+        """Write the tokenizer as tokenizer.json (compact, one line), making missing folders."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path), pretty=False)
 
 
@@ -197,8 +201,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     count.add_argument("--tokenizer", type=Path, default=DEFAULT_PATH)
     count.add_argument("--domains", nargs="+", choices=corpus.DOMAINS, default=list(corpus.DOMAINS))
     args = parser.parse_args(argv)
+    from ruvdllm.cli import check_output  # the CLI module imports this one
+
     try:
         if args.command == "train":
+            check_output(args.out)
             start = time.perf_counter()
             texts = [d for domain in corpus.BASE_DOMAINS for d in corpus.documents(domain, "train")]
             tok = train_bpe(texts, args.vocab_size)
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"in {time.perf_counter() - start:.1f} s")
         else:
             print(count_tokens(Tokenizer(args.tokenizer), args.domains))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         parser.error(str(e))
 
 

@@ -309,23 +309,54 @@ def train(cfg: TrainConfig, tokenizer_file: str | Path) -> Path:
     return out / "best"
 
 
+LOSS_COLUMNS = ("step", "train_loss", "valid_loss")
+
+
+def read_loss_csv(path: str | Path) -> tuple[list[int], list[float], list[float]]:
+    """Steps, train and validation losses of a run's ``loss.csv``; ValueError if it is not one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    rows = list(csv.DictReader(text.splitlines()))
+    missing = [c for c in LOSS_COLUMNS if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: not a loss.csv of a training run (needs a header with "
+                         f"{', '.join(LOSS_COLUMNS)} and at least one row)")
+    try:
+        return ([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows],
+                [float(r["valid_loss"]) for r in rows])
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: a row has a missing or non-numeric step or loss") from None
+
+
 def plot_loss(csv_files: list[str | Path], out: str | Path) -> None:
-    """Train and validation loss against step for one or more ``loss.csv`` files."""
+    """Train and validation loss against step for one or more ``loss.csv`` files.
+
+    Each curve is named for its run folder (every run writes ``loss.csv``). All files are
+    read before anything is drawn, so a bad one leaves ``out`` untouched.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    suffix = Path(out).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"{out}: the plot's file name must end in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    runs = [(Path(p).parent.name if Path(p).stem == "loss" else Path(p).stem, read_loss_csv(p))
+            for p in csv_files]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for path in csv_files:
-        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
-        steps = [int(r["step"]) for r in rows]
-        label = Path(path).stem
-        ax.plot(steps, [float(r["train_loss"]) for r in rows], "--", label=f"{label} train")
-        ax.plot(steps, [float(r["valid_loss"]) for r in rows], label=f"{label} valid")
+    for label, (steps, train_loss, valid_loss) in runs:
+        ax.plot(steps, train_loss, "--", label=f"{label} train")
+        ax.plot(steps, valid_loss, label=f"{label} valid")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token; diffusion: ELBO bound)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

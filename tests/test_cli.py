@@ -152,3 +152,28 @@ def test_sample_quality_refuses_settings_without_prompts(tmp_path, capsys, extra
                               str(tmp_path / "ck"), "--data", str(tmp_path / "data"),
                               "--prompt-tokens", "8", *extra], capsys)
     assert code == 2 and message in err and out == ""
+
+
+def test_plot_loss_names_curves_by_run_and_refuses_bad_files(tmp_path, capsys):
+    for run, losses in (("small", (3.0, 2.5)), ("large", (2.8, 2.1))):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "loss.csv").write_text(
+            "step,train_loss,valid_loss,lr,seconds\n"
+            + "".join(f"{i * 100},{v + 0.1},{v},1e-3,{i}\n" for i, v in enumerate(losses, 1)))
+    csvs = [str(tmp_path / run / "loss.csv") for run in ("small", "large")]
+    code, out, err = run_cli(["plot-loss", *csvs, "--out", str(tmp_path / "fig" / "loss.svg")],
+                             capsys)
+    assert code == 0 and "loss.svg" in out, err
+    svg = (tmp_path / "fig" / "loss.svg").read_text()
+    assert "small valid" in svg and "large train" in svg
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "nan.csv").write_text("step,train_loss,valid_loss\n1,2,\n")
+    for csv_file, out_file, message in (
+            ("other.csv", "p.png", "not a loss.csv of a training run"),
+            ("nan.csv", "p.png", "missing or non-numeric"),
+            ("small/loss.csv", "p.txt", "must end in one of"),
+            ("small/loss.csv", "fig", "exists and is a folder")):
+        code, _, err = run_cli(["plot-loss", str(tmp_path / csv_file), "--out",
+                                str(tmp_path / out_file)], capsys)
+        assert (code, err.count("\n")) == (2, 1) and message in err, err
+        assert not (tmp_path / "p.png").exists()

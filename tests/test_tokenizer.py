@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import models
 
-from ruvdllm.tokenizer import DEFAULT_PATH, SPECIAL_TOKENS, Tokenizer, train_bpe
+from ruvdllm.tokenizer import DEFAULT_PATH, SPECIAL_TOKENS, Tokenizer, main, train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,9 @@ def test_unresolvable_specials_are_refused(tmp_path):
         Tokenizer(word_level(["<|endoftext|>", "<|mask|>"])).apply_chat_template([])
     with pytest.raises(FileNotFoundError, match="not found"):
         Tokenizer(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(ValueError, match=r"bad\.json is not a tokenizer\.json file"):
+        Tokenizer(tmp_path / "bad.json")
 
 
 def test_train_bpe_save_and_load(tmp_path):
@@ -112,9 +115,22 @@ def test_train_bpe_save_and_load(tmp_path):
     trained = train_bpe(texts, vocab_size=300)
     assert trained.vocab_size == 300
     assert trained.encode("".join(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
-    trained.save(tmp_path / "tok.json")
-    loaded = Tokenizer(tmp_path / "tok.json")
+    trained.save(tmp_path / "new" / "tok.json")  # missing folders are made
+    loaded = Tokenizer(tmp_path / "new" / "tok.json")
     assert loaded.encode("the lazy dog ✓") == trained.encode("the lazy dog ✓")
     assert loaded.decode(loaded.encode("emoji 🙂 unseen")) == "emoji 🙂 unseen"
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(texts, vocab_size=100)
+
+
+def test_cli_refuses_bad_paths_before_training(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{")
+    for argv, message in ((["count", "--tokenizer", str(tmp_path / "bad.json")],
+                           "is not a tokenizer.json file"),
+                          (["train", str(tmp_path)], "exists and is a folder"),
+                          (["train", str(tmp_path / "bad.json" / "tok.json")], "cannot create it")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "bad.json").read_text() == "{"
