@@ -452,11 +452,17 @@ def create_app(engine: Engine, *, model_id: str, data: LocalData, metrics: Regis
         if req.id not in remembered:
             return refuse(request, 404, f"no recent completion with id {req.id!r}",
                           "invalid_request_error", "unknown_completion", "id")
-        prompt, answer = remembered.pop(req.id)
+        prompt, answer = remembered[req.id]
         stored = None
         if req.accepted:
-            stored = await anyio.to_thread.run_sync(data.accept, req.id, prompt, answer)
+            try:
+                stored = await anyio.to_thread.run_sync(data.accept, req.id, prompt, answer)
+            except OSError as err:  # kept: the client may send the same feedback again
+                return refuse(request, 503, f"could not store completion {req.id}: "
+                              f"{err.strerror or err}; try again later", "server_error",
+                              "storage")
             log.info("accepted completion %s stored as local training text", req.id)
+        remembered.pop(req.id, None)
         return JSONResponse({"id": req.id, "accepted": req.accepted,
                              "stored": stored is not None})
 

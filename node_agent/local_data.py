@@ -50,11 +50,20 @@ class LocalData:
         return out
 
     def accept(self, completion_id: str, prompt: str, answer: str) -> Path:
-        """Store an accepted completion as a document; returns its path."""
+        """Store an accepted completion as a document; returns its path.
+
+        Written whole or not at all (a temporary file renamed into place), so a full disk
+        never leaves half a document for the next round to train on.
+        """
         if not _SAFE_ID.match(completion_id):
             raise ValueError(f"completion id {completion_id!r} is not a valid id")
         path = self.root / "accepted" / f"{completion_id}.txt"
+        tmp = path.with_suffix(".partial")
         with self._lock:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{prompt}{answer}\n", "utf-8")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(f"{prompt}{answer}\n", "utf-8")
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return path

@@ -277,3 +277,15 @@ def test_feedback_stores_accepted_completion(client: TestClient, tmp_path: Path)
     assert saved == [("Dear sir," + data["choices"][0]["text"]).strip()]
     again = client.post("/v1/feedback", json={"id": data["id"], "accepted": True})
     assert again.status_code == 404
+
+
+def test_feedback_that_cannot_be_stored_is_kept_for_a_retry(client: TestClient,
+                                                            tmp_path: Path) -> None:
+    data = client.post("/v1/completions", json={"prompt": "Dear sir,", "max_tokens": 6}).json()
+    (tmp_path / "data").write_text("a file where the data folder should be")
+    r = client.post("/v1/feedback", json={"id": data["id"], "accepted": True})
+    assert r.status_code == 503 and "could not store completion" in r.json()["error"]["message"]
+    (tmp_path / "data").unlink()
+    r = client.post("/v1/feedback", json={"id": data["id"], "accepted": True})
+    assert r.status_code == 200 and r.json()["stored"]
+    assert [p.name for p in (tmp_path / "data" / "accepted").iterdir()] == [f"{data['id']}.txt"]
