@@ -38,6 +38,10 @@ def read_texts(folder: str | Path) -> list[str]:
 
 
 def _open_bank(path: str, dim: int, lora: LoRAConfig) -> TALoRA:
+    """The bank at ``path``, or a new one there; refused before any training if unwritable."""
+    from ruvdllm.cli import check_output  # the CLI module imports this one
+
+    check_output(Path(path), folder=True)
     if (Path(path) / "CURRENT").exists():
         bank = TALoRA.load(path)
         if bank.dim != dim or bank.lora != lora:

@@ -218,13 +218,19 @@ def test_cli_lists_exports_and_imports_a_global(tmp_path, capsys):
     again = TALoRA.load(root)
     assert again.global_version == 5 and again.patterns() == [pid]
     (tmp_path / "a_file").write_text("")
-    for args in (["list", "--bank", str(tmp_path / "none")],
-                 ["export", str(tmp_path / "a_file"), "--bank", root, "--id", str(pid)],
-                 ["import", str(tmp_path / "peft"), "--bank", root, "--global", "fine",
-                  "--version", "-1"]):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "d.txt").write_text("Some local text to learn from. " * 20)
+    for args, message in (
+            (["list", "--bank", str(tmp_path / "none")], "none"),
+            (["train", str(tmp_path / "docs"), "--bank", str(tmp_path / "a_file"),
+              "--steps", "1000"], "a_file: exists and is not a folder"),  # before training
+            (["export", str(tmp_path / "a_file"), "--bank", root, "--id", str(pid)], "a_file"),
+            (["import", str(tmp_path / "peft"), "--bank", root, "--global", "fine",
+              "--version", "-1"], "version")):
         with pytest.raises(SystemExit) as exit_info:
             main(["adapters", *args])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert (tmp_path / "a_file").read_text() == ""
     assert TALoRA.load(root).global_version == 5
