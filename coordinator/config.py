@@ -64,6 +64,7 @@ registrations must not cross a network in clear text by accident.
 
 import ipaddress
 import json
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -231,9 +232,12 @@ def _validate(cfg: CoordinatorConfig) -> None:
         (r.num_rounds >= 1 and r.min_nodes >= 1, "rounds.num_rounds and min_nodes must be >= 1"),
         (0 < r.fraction <= 1, "rounds.fraction must be in (0, 1]"),
         (0 < r.density <= 1, "rounds.density must be in (0, 1]"),
+        (r.local_steps >= 1, "rounds.local_steps must be >= 1"),
+        (0 < r.learning_rate < math.inf, "rounds.learning_rate must be finite and > 0"),
         (r.round_timeout > 0 and r.wait_nodes >= 0, "rounds.round_timeout must be > 0"),
         (a.quorum >= 1, "aggregation.quorum must be >= 1"),
-        (a.max_norm > 0 and r.clip_norm > 0, "max_norm and clip_norm must be > 0"),
+        (0 < a.max_norm < math.inf and 0 < r.clip_norm < math.inf,
+         "max_norm and clip_norm must be finite and > 0"),
         (cfg.dp.noise_multiplier >= 0 and 0 < cfg.dp.delta < 1, "dp: noise >= 0, 0 < delta < 1"),
         (not cfg.superlink.node_auth or cfg.superlink.tls, "superlink.node_auth needs tls"),
         (all(0 < p < 65536 for p in (cfg.superlink.port, cfg.service.port)), "ports: 1..65535"),

@@ -162,6 +162,8 @@ def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.nodes < 2 or args.rounds < 1:
         raise ValueError("the demo needs --nodes >= 2 and --rounds >= 1")
+    if args.local_steps < 1 or args.chars < 1:
+        raise ValueError("--local-steps and --chars must be >= 1")
     keep = args.keep or args.workdir is not None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ruvdllm-demo-")).resolve()
     t0 = time.time()
@@ -198,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``ruvdllm demo`` (and ``python -m node_agent.demo``)."""
-    _run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, OSError) as err:  # user errors: one line, exit 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

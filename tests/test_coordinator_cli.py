@@ -33,7 +33,11 @@ def test_config_defaults_overrides_and_errors(tmp_path):
                          (["rounds.typo=1"], "unknown keys"), (["model.rank=two"], "must be int"),
                          (["aggregation.fine=avg"], "choose one of"),
                          (["superlink.node_auth=true"], "needs tls"), (["rounds"], "section.key"),
-                         (["service.max_watchers=0"], "max_watchers must be >= 1")]:
+                         (["service.max_watchers=0"], "max_watchers must be >= 1"),
+                         # what every node would refuse round after round: refused at start
+                         (["rounds.local_steps=0"], "local_steps must be >= 1"),
+                         (["rounds.learning_rate=nan"], "learning_rate must be finite"),
+                         (["rounds.clip_norm=inf"], "clip_norm must be finite")]:
         with pytest.raises(ConfigError, match=message):
             load(path, bad)
     for text in (b"[rounds\n", b"\x8e\xff"):

@@ -30,3 +30,14 @@ def test_a_kept_work_folder_resumes_and_reports_only_the_new_run(tmp_path, capsy
     assert "round 2: merged -> version 3 (2/2 accepted" in second
     assert "every node serves version 3" in second and "adapter-v3" in second
     assert re.search(r"domain\s+v1\s+v3", second)
+
+
+@pytest.mark.parametrize("bad", [["--nodes", "1"], ["--rounds", "0"], ["--local-steps", "0"],
+                                 ["--chars", "-5"], ["--domains", "nope"]])
+def test_bad_options_are_refused_before_anything_starts(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*bad, "--workdir", str(tmp_path / "w")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "w" / "coordinator").exists()
