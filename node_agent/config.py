@@ -20,6 +20,7 @@ did not choose.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -171,11 +172,19 @@ class NodeConfig:
                      "max_steps", "max_concurrency", "default_steps", "default_new_tokens"):
             if getattr(self.http, name) <= 0:
                 raise NodeConfigError(f"http.{name} must be positive")
+        if self.http.port > 65535 or not 0 <= self.grpc.port <= 65535:
+            raise NodeConfigError("http.port must be 1..65535 and grpc.port 0..65535 "
+                                  "(0: any free port)")
+        if not 0 < self.http.request_timeout_s < math.inf:
+            raise NodeConfigError("http.request_timeout_s must be finite and > 0")
         if (self.http.tls_certfile is None) != (self.http.tls_keyfile is None):
             raise NodeConfigError("http.tls_certfile and http.tls_keyfile go together")
         for name in ("steps", "seq_len", "batch_size", "max_chars", "rank"):
             if getattr(self.training, name) <= 0:
                 raise NodeConfigError(f"training.{name} must be positive")
+        for name in ("lr", "alpha"):
+            if not 0 < getattr(self.training, name) < math.inf:  # NaN fails too
+                raise NodeConfigError(f"training.{name} must be finite and > 0")
         parse_byzantine(self.training.byzantine)
         if not self.insecure:
             if not is_loopback(self.http.host) and self.http.tls_certfile is None:
