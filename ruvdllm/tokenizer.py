@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     count.add_argument("--tokenizer", type=Path, default=DEFAULT_PATH)
     count.add_argument("--domains", nargs="+", choices=corpus.DOMAINS, default=list(corpus.DOMAINS))
     args = parser.parse_args(argv)
-    from ruvdllm.cli import check_output  # the CLI module imports this one
+    from ruvdllm.cli import check_output  # imports torch: only this command needs it
 
     try:
         if args.command == "train":

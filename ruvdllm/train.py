@@ -360,3 +360,4 @@ def plot_loss(csv_files: list[str | Path], out: str | Path) -> None:
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
+    plt.close(fig)
