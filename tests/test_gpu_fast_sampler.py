@@ -96,7 +96,7 @@ def test_threshold_skips_steps(model):
     fast.generate(PROMPTS[:1], fixed)
     assert fast.forwards == 32
     fast.generate(PROMPTS[:1], SamplerConfig(steps=32, gen_length=32, block_length=8,
-                                             threshold=0.05))
+                                             threshold=0.01))  # below a random model's 0.02+
     assert fast.forwards < 32
 
 
