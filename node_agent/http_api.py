@@ -50,7 +50,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from node_agent.engine import Busy, Chunk, Engine, Generation, Job, LimitExceeded, RequestError
+from node_agent.engine import (
+    MAX_TEMPERATURE,
+    Busy,
+    Chunk,
+    Engine,
+    Generation,
+    Job,
+    LimitExceeded,
+    RequestError,
+)
 from node_agent.local_data import LocalData
 from node_agent.metrics import Registry
 
@@ -90,7 +99,7 @@ class _Params(BaseModel):
 
     model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, ge=1.0, le=1.0,
                          description="only 1.0: the sampler has no nucleus truncation")
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
