@@ -53,6 +53,16 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def default_config() -> Path:
+    """``bench.toml`` of the current folder, else the one of the checkout this package is in.
+
+    The second keeps ``ruvdllm-bench`` working from any folder of an editable install.
+    """
+    here = Path("bench.toml")
+    checkout = Path(__file__).resolve().parent.parent / "bench.toml"
+    return here if here.exists() or not checkout.exists() else checkout
+
+
 def load_config(path: Path) -> dict[str, Any]:
     """The TOML config at ``path``, merged over its ``base`` file if it names one."""
     try:
@@ -161,7 +171,8 @@ def _header(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ruvdllm-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path("bench.toml"))
+    p.add_argument("--config", type=Path, default=default_config(),
+                   help="targets and parameters (default: ./bench.toml, else the checkout's)")
     p.add_argument("--only", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="merge [<section>.quick] overrides")

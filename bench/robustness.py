@@ -330,11 +330,11 @@ def markdown(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from bench.cli import BenchError, load_config, section_params
+    from bench.cli import BenchError, default_config, load_config, section_params
 
     parser = argparse.ArgumentParser(prog="python -m bench.robustness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("bench.toml"))
+    parser.add_argument("--config", type=Path, default=default_config())
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)

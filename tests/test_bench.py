@@ -32,6 +32,14 @@ def test_bench_toml_targets_are_well_formed():
     assert cli.baseline_thresholds(config) == THRESHOLDS
 
 
+def test_default_config_is_the_current_folders_else_the_checkouts(tmp_path, monkeypatch):
+    checkout = Path(cli.__file__).resolve().parent.parent / "bench.toml"
+    monkeypatch.chdir(tmp_path)
+    assert cli.default_config() == checkout  # run from elsewhere: the checkout's targets
+    (tmp_path / "bench.toml").write_text("[quality]\n")
+    assert cli.default_config() == Path("bench.toml")  # a local file wins
+
+
 def test_quick_overrides_and_ci_base_merge():
     config = cli.load_config(Path("bench/ci.toml"))
     full = cli.section_params(config, "parity", quick=False)
